@@ -1,0 +1,115 @@
+"""The ``harness`` command. Thin: parse, call one importable function, print.
+
+Each sub-command's work lives in the module that owns it; this file only wires arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from harness.errors import HarnessError
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    raise HarnessError("harness validate is not implemented yet")
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    raise HarnessError("harness schema is not implemented yet")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    raise HarnessError("harness run is not implemented yet")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    raise HarnessError("harness status is not implemented yet")
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    raise HarnessError("harness ui is not implemented yet")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    raise HarnessError("harness eval is not implemented yet")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    raise HarnessError("harness report is not implemented yet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harness",
+        description="Declarative evaluation-and-ablation harness for UniSD self-distillation.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a study spec and summarise it")
+    p.add_argument("spec", help="path to a study YAML")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of study specs (for editor completion)")
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.set_defaults(func=_cmd_schema)
+
+    p = sub.add_parser("run", help="run a study: train, evaluate and log every variant")
+    p.add_argument("spec", help="path to a study YAML")
+    p.add_argument("--output-dir", help="override the spec's output_dir")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine")
+    p.add_argument("--storage", help="Optuna storage URL (e.g. postgresql://...), overrides the spec")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("status", help="table of a study's trials")
+    p.add_argument("spec", help="path to a study YAML")
+    p.add_argument("--output-dir", help="override the spec's output_dir")
+    p.add_argument("--storage", help="Optuna storage URL, overrides the spec")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on the study's tracking store")
+    p.add_argument("spec", help="path to a study YAML")
+    p.add_argument("--output-dir", help="override the spec's output_dir")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=_cmd_ui)
+
+    p = sub.add_parser("eval", help="score one model on benchmarks, no training")
+    p.add_argument("--model", required=True, help="HF id, local dir, bundled:smollm2-135m-instruct, tiny-random:llama")
+    p.add_argument("--benchmarks", required=True, help="comma-separated benchmark names")
+    p.add_argument("--limit", type=int, default=None, help="examples per benchmark")
+    p.add_argument("--output", help="output directory (samples, metrics)")
+    p.add_argument("--data-dir", help="local benchmark data (default: $UNISD_DATA_DIR, else the hub)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--scoring", choices=["generative", "loglikelihood"], default="generative")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("report", help="write the component-interaction report of a study")
+    p.add_argument("spec", nargs="?", help="path to a study YAML")
+    p.add_argument("--output-dir", help="override the spec's output_dir")
+    p.add_argument("--from-csv", help="analyse any factorial results table instead of a study")
+    p.add_argument("--components", help="with --from-csv: comma-separated 0/1 component columns")
+    p.add_argument("--metrics", help="with --from-csv: comma-separated metric columns")
+    p.add_argument("--out", help="report directory (default reports/<study>/)")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
