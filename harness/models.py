@@ -127,7 +127,9 @@ def load_tokenizer(ref: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as err:
-        raise HarnessError(f"cannot load tokenizer {ref!r}: not a local directory and not reachable on the hub ({err.__class__.__name__})") from err
+        raise HarnessError(
+            f"cannot load tokenizer {ref!r}: not a local directory and not reachable on the hub ({err.__class__.__name__})"
+        ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -165,7 +167,9 @@ def load_model(ref: str, *, device: str | None = None, dtype: str | None = None)
         try:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=target_dtype)
         except OSError as err:
-            raise HarnessError(f"cannot load model {ref!r}: not a local directory and not reachable on the hub ({err.__class__.__name__})") from err
+            raise HarnessError(
+                f"cannot load model {ref!r}: not a local directory and not reachable on the hub ({err.__class__.__name__})"
+            ) from err
     model.to(device=target_device, dtype=target_dtype)
     model.eval()
     if model.generation_config is not None and model.generation_config.pad_token_id is None:

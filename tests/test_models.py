@@ -50,7 +50,9 @@ def test_bundled_smollm2_answers_and_reloads_from_cache(monkeypatch, tmp_path):
     assert (tmp_path / "smollm2-135m-instruct" / "model.safetensors").is_file()
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
