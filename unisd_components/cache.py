@@ -1,0 +1,115 @@
+"""On-disk caches for things generated once per dataset or example: embeddings, instructions, negatives.
+
+Everything lives in a directory the caller chooses. A cache file is named by its ``kind`` and a hash of
+its namespace (model id, dataset fingerprint, prompt version, ...), so changing any of them starts a new
+file instead of reusing stale entries; the namespace is also written into the file for humans. Writes
+are atomic (temp file + ``os.replace``) and merge with what is on disk, so two workers filling the same
+cache lose at most duplicated work, never a corrupt file.
+
+Example::
+
+    cache = JsonCache(cache_dir, "negatives", {"model": model_id, "version": NEGATIVE_VERSION})
+    missing = [ex for ex in examples if cache.get(ex.id) is None]
+    cache.update({ex.id: text for ex, text in zip(missing, generate(missing))})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["JsonCache", "cached_array", "dataset_fingerprint", "example_fingerprint", "namespace_hash"]
+
+
+def namespace_hash(namespace: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(namespace, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def example_fingerprint(example: Any) -> str:
+    """Hash of what an example's cached artefacts depend on: id, prompt, demonstration, answer, choices."""
+    payload = {
+        "id": example.id,
+        "messages": [dict(m) for m in example.messages],
+        "demonstration": example.demonstration,
+        "answer": getattr(example, "answer", ""),
+        "choices": list(getattr(example, "choices", ())),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dataset_fingerprint(examples: Iterable[Any]) -> str:
+    """Order-sensitive hash of a list of examples (row i of a cached array belongs to example i)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(example_fingerprint(example).encode())
+    return digest.hexdigest()[:16]
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class JsonCache:
+    """A ``str -> JSON value`` store in ``<directory>/<kind>-<hash(namespace)>.json``."""
+
+    def __init__(self, directory: str | Path, kind: str, namespace: Mapping[str, Any]) -> None:
+        self.namespace = {"kind": kind, **namespace}
+        self.path = Path(directory) / f"{kind}-{namespace_hash(self.namespace)}.json"
+        self._entries: dict[str, Any] = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {}
+        with self.path.open(encoding="utf-8") as handle:
+            return dict(json.load(handle).get("entries", {}))
+
+    def get(self, key: str) -> Any | None:
+        return self._entries.get(key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def update(self, entries: Mapping[str, Any]) -> None:
+        """Add entries and write the file (merged with entries another process wrote meanwhile)."""
+        merged = self._read()
+        merged.update(self._entries)
+        merged.update(entries)
+        self._entries = merged
+        payload = {"namespace": self.namespace, "entries": merged}
+        _atomic_write(self.path, lambda h: json.dump(payload, h, indent=1, ensure_ascii=False), "w")
+
+
+def cached_array(
+    directory: str | Path, kind: str, namespace: Mapping[str, Any], compute: Callable[[], np.ndarray]
+) -> tuple[np.ndarray, bool]:
+    """Load ``<directory>/<kind>-<hash>.npy`` or compute and save it. Returns ``(array, was_cached)``."""
+    full = {"kind": kind, **namespace}
+    stem = f"{kind}-{namespace_hash(full)}"
+    path = Path(directory) / f"{stem}.npy"
+    if path.exists():
+        return np.load(path), True
+    array = np.asarray(compute())
+    _atomic_write(path, lambda h: np.save(h, array), "wb")
+    meta = Path(directory) / f"{stem}.json"
+    _atomic_write(
+        meta, lambda h: json.dump({"namespace": full, "shape": list(array.shape)}, h, indent=1), "w"
+    )
+    return array, False
