@@ -1,0 +1,159 @@
+"""PPL fit and retention against a slow reference: one prompt at a time, full forward, no padding."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from harness.data import Example
+from harness.evaluation.retention import (
+    greedy_completions,
+    ppl_fit,
+    render_prompt,
+    retention,
+)
+
+PROMPTS = [
+    "Which planet is closest to the Sun?",
+    "Write a function that adds two numbers.",
+    "Name a mammal that can fly. Think about bats, birds and insects before you answer.",
+]
+DEMOS = [
+    "Mercury orbits closest.\nThe answer is (A).",
+    "```python\ndef add(a, b):\n    return a + b\n```",
+    "Bats.",
+]
+
+
+def _examples() -> list[Example]:
+    return [
+        Example(
+            id=f"toy/{i}",
+            benchmark="toy",
+            kind="multiple_choice",
+            messages=({"role": "user", "content": p},),
+            demonstration=d,
+            answer="A",
+            metadata={"prompt_version": 1},
+        )
+        for i, (p, d) in enumerate(zip(PROMPTS, DEMOS, strict=True))
+    ]
+
+
+def _prompt_ids(tok, ex) -> list[int]:
+    return tok(render_prompt(tok, ex.messages), add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def _slow_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """[n, vocab] log-softmax of the full, unpadded forward at the completion's prediction positions."""
+    ids = torch.tensor([prompt + completion])
+    logits = model(input_ids=ids).logits[0].float()
+    return torch.log_softmax(logits[len(prompt) - 1 : len(prompt) + len(completion) - 1], dim=-1)
+
+
+@torch.no_grad()
+def _slow_greedy(model, prompt: list[int], n: int, eos: int) -> list[int]:
+    out: list[int] = []
+    for _ in range(n):
+        logits = model(input_ids=torch.tensor([prompt + out])).logits[0, -1]
+        token = int(logits.argmax())
+        if token == eos:
+            break
+        out.append(token)
+    return out
+
+
+def _perturbed(model, scale: float = 0.05):
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return other
+
+
+def _slow_ppl(model, prompts, completions) -> float:
+    values = []
+    for p, c in zip(prompts, completions, strict=True):
+        if c:
+            lp = _slow_logprobs(model, p, c).gather(-1, torch.tensor(c)[:, None])[:, 0]
+            values.append(math.exp(-float(lp.mean())))
+    return sum(values) / len(values)
+
+
+def test_ppl_fit_matches_slow_token_weighted(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    examples = _examples()
+    total, count = 0.0, 0
+    for ex in examples:
+        gold = tok(ex.demonstration, add_special_tokens=False)["input_ids"]
+        lp = _slow_logprobs(model, _prompt_ids(tok, ex), gold).gather(-1, torch.tensor(gold)[:, None])
+        total += float(lp.sum())
+        count += len(gold)
+    expected = math.exp(-total / count)
+    assert ppl_fit(model, tok, examples, batch_size=2) == pytest.approx(expected, rel=1e-4)
+
+
+def test_batched_greedy_matches_one_at_a_time(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    prompts = [_prompt_ids(tok, ex) for ex in _examples()]
+    batched = greedy_completions(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    slow = [_slow_greedy(model, p, 6, tok.eos_token_id) for p in prompts]
+    assert batched == slow
+
+
+def test_retention_matches_slow_reference(tiny_model_and_tokenizer, tmp_path):
+    base, tok = tiny_model_and_tokenizer
+    model = _perturbed(base)
+    examples = _examples()
+    prompts = [_prompt_ids(tok, ex) for ex in examples]
+    got = retention(model, base, tok, examples, max_new_tokens=6, cache_dir=tmp_path, batch_size=2)
+
+    ours = [_slow_greedy(model, p, 6, tok.eos_token_id) for p in prompts]
+    theirs = [_slow_greedy(base, p, 6, tok.eos_token_id) for p in prompts]
+    jsd_values = []
+    for p, c in zip(prompts, ours, strict=True):
+        lp_base, lp_model = _slow_logprobs(base, p, c), _slow_logprobs(model, p, c)
+        pb, pm = lp_base.exp(), lp_model.exp()
+        m = 0.5 * (pb + pm)
+        jsd_values += (0.5 * (pb * (pb / m).log()).sum(-1) + 0.5 * (pm * (pm / m).log()).sum(-1)).tolist()
+
+    assert got["ppl_ret"] == pytest.approx(_slow_ppl(base, prompts, ours), rel=1e-4)
+    assert got["ppl_ret_reverse"] == pytest.approx(_slow_ppl(model, prompts, theirs), rel=1e-4)
+    assert got["ret_jsd"] == pytest.approx(sum(jsd_values) / len(jsd_values), rel=1e-3, abs=1e-6)
+    assert 0.0 < got["ret_jsd"] <= math.log(2)
+
+
+def test_base_against_itself(tiny_model_and_tokenizer, tmp_path):
+    base, tok = tiny_model_and_tokenizer
+    examples = _examples()
+    prompts = [_prompt_ids(tok, ex) for ex in examples]
+    got = retention(base, base, tok, examples, max_new_tokens=6, cache_dir=tmp_path, batch_size=3)
+    own = [_slow_greedy(base, p, 6, tok.eos_token_id) for p in prompts]
+    assert got["ppl_ret"] == pytest.approx(_slow_ppl(base, prompts, own), rel=1e-4)
+    assert got["ppl_ret_reverse"] == pytest.approx(got["ppl_ret"], rel=1e-5)
+    assert got["ret_jsd"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_base_completions_cached_per_base_model(tiny_model_and_tokenizer, tmp_path):
+    base, tok = tiny_model_and_tokenizer
+    examples = _examples()
+    retention(base, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path)
+    files = sorted(tmp_path.glob("base-completions-*.json"))
+    assert len(files) == 1 and "-toy-v1-n4" in files[0].name
+    cached = json.loads(files[0].read_text())
+    assert set(cached) == {ex.id for ex in examples}
+    # A cached entry is used as is: replace it and the reverse score must follow the cache.
+    forced = {ex.id: [100, 200, 300] for ex in examples}
+    files[0].write_text(json.dumps(forced))
+    got = retention(base, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path)
+    prompts = [_prompt_ids(tok, ex) for ex in examples]
+    assert got["ppl_ret_reverse"] == pytest.approx(_slow_ppl(base, prompts, list(forced.values())), rel=1e-4)
+    other = _perturbed(base, 0.2)
+    retention(other, other, tok, examples, max_new_tokens=4, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("base-completions-*.json"))) == 2  # different weights, own cache file
