@@ -37,7 +37,36 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    raise HarnessError("harness report is not implemented yet")
+    from pathlib import Path
+
+    from harness import report
+
+    if args.from_csv:
+        if args.spec:
+            raise HarnessError("give either a study SPEC or --from-csv FILE, not both")
+        if not args.out:
+            raise HarnessError("--out DIR is required with --from-csv (where to write the report)")
+        files = report.report_from_csv(
+            args.from_csv,
+            components=report.sources.split_names(args.components, "components"),
+            metrics=report.sources.split_names(args.metrics, "metrics"),
+            out_dir=Path(args.out),
+        )
+    else:
+        if not args.spec:
+            raise HarnessError(
+                "give a study SPEC, or --from-csv FILE --components a,b --metrics m1,m2 --out DIR"
+            )
+        if args.components or args.metrics:
+            raise HarnessError("--components/--metrics only apply with --from-csv (a study knows its own)")
+        from harness.spec import load_spec
+
+        spec = load_spec(args.spec).with_overrides(output_dir=args.output_dir)
+        files = report.report_for_study(spec, out_dir=args.out)
+    print(
+        f"report written to {files.html} ({len(files.figures)} figures; also report.md, results.csv, effects.json)"
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

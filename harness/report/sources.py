@@ -1,0 +1,113 @@
+"""Where a report's table comes from: any factorial CSV, or a finished study (MLflow runs, Optuna trials)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from harness.errors import HarnessError
+from harness.report.build import ReportFiles, build_report
+
+__all__ = ["read_results_csv", "report_for_study", "report_from_csv", "split_names"]
+
+
+def split_names(text: str | None, what: str) -> list[str]:
+    """``"a, b,c"`` -> ``["a", "b", "c"]``; an empty list is an error naming the option."""
+    names = [part.strip() for part in (text or "").split(",") if part.strip()]
+    if not names:
+        raise HarnessError(f"--{what} is required with --from-csv: a comma-separated list of column names")
+    return names
+
+
+def read_results_csv(path: str | Path, components: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
+    """Read a factorial results table and check that the named columns exist and hold usable values."""
+    file = Path(path)
+    if not file.is_file():
+        raise HarnessError(f"{file}: no such results file")
+    try:
+        df = pd.read_csv(file)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise HarnessError(f"{file}: not a readable CSV table ({str(err).splitlines()[0]})") from None
+    missing = [c for c in [*components, *metrics] if c not in df.columns]
+    if missing:
+        raise HarnessError(
+            f"{file}: unknown column(s) {', '.join(missing)}; columns: {', '.join(map(str, df.columns))}"
+        )
+    for c in components:
+        values = pd.to_numeric(df[c], errors="coerce")
+        if values.isna().any() or not set(values.unique().tolist()) <= {0, 1}:
+            raise HarnessError(f"{file}: component column {c!r} must hold only 0 and 1")
+        df[c] = values.astype(int)
+    for m in metrics:
+        values = pd.to_numeric(df[m], errors="coerce")
+        if values.notna().sum() == 0:
+            raise HarnessError(f"{file}: metric column {m!r} has no numeric value")
+        df[m] = values
+    return df
+
+
+def report_from_csv(
+    path: str | Path,
+    *,
+    components: Sequence[str],
+    metrics: Sequence[str],
+    out_dir: str | Path,
+    title: str | None = None,
+) -> ReportFiles:
+    """``harness report --from-csv``: the full analysis on any 0/1 factorial table (``seed`` optional)."""
+    df = read_results_csv(path, components, metrics)
+    return build_report(
+        df,
+        components=list(components),
+        metrics=list(metrics),
+        out_dir=Path(out_dir),
+        title=title or f"Component report: {Path(path).name}",
+    )
+
+
+def report_for_study(spec, *, out_dir: str | Path | None = None, log_artifacts: bool = True) -> ReportFiles:
+    """The report of a study spec: results from ``harness.tracking.load_results``, the Optuna study for
+    search studies, files under ``out_dir`` (default ``reports/<study name>``), then logged as artifacts
+    on the study's MLflow parent run. The runner calls this at the end of ``harness run``."""
+    from harness import tracking
+    from unisd_components.config import COMPONENT_NAMES
+
+    df = tracking.load_results(spec)
+    if df is None or len(df) == 0:
+        raise HarnessError(f"study {spec.name!r} has no trials yet: run `harness run` first")
+    varied = spec.method.enabled_anywhere()
+    components = [c for c in COMPONENT_NAMES if c in varied and c in df.columns]
+    metrics = [
+        m
+        for m in spec.metric_names()
+        if m in df.columns and pd.to_numeric(df[m], errors="coerce").notna().any()
+    ]
+    if not metrics:
+        raise HarnessError(
+            f"study {spec.name!r}: no metric recorded yet (expected one of {', '.join(spec.metric_names())})"
+        )
+    kind = "ablation" if spec.search.sampler == "grid" else "search"
+    study = None
+    if kind == "search":
+        import optuna
+
+        try:
+            study = optuna.load_study(study_name=spec.name, storage=spec.storage_url)
+        except Exception as err:  # a missing or foreign storage must not cost the whole report
+            raise HarnessError(
+                f"study {spec.name!r}: cannot open the Optuna study at {spec.storage_url} ({err})"
+            ) from None
+    files = build_report(
+        df,
+        components=components,
+        metrics=metrics,
+        out_dir=Path(out_dir) if out_dir is not None else Path("reports") / spec.name,
+        title=f"UniSD study {spec.name}: which components drive the gains",
+        study_kind=kind,
+        optuna_study=study,
+    )
+    if log_artifacts:
+        tracking.log_report_artifacts(spec, files.directory)
+    return files
