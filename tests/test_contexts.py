@@ -160,7 +160,14 @@ def test_finish_negative_forces_the_wrong_final_answer_and_code_block():
     ex = _examples(1)[0]
     letter = wrong_letter(ex.id, ex.answer, 4)
     out = _finish_negative(ex, "Because reasons.\nThe answer is (B).")
-    assert out.endswith(f"The answer is ({letter}).") and "(B)" not in out
+    assert out == f"Because reasons.\n\nThe answer is ({letter})."
+    text = (
+        f"Step one.\nSo the answer must be (B)\nClearly the answer is ({letter}).\nThe answer is ({letter})."
+    )
+    assert (
+        _finish_negative(ex, text)
+        == f"Step one.\nClearly the answer is ({letter}).\n\nThe answer is ({letter})."
+    )
     code_ex = Ex(id="c/1", messages=ex.messages, demonstration="", kind="code", answer="x")
     assert _finish_negative(code_ex, "Sure:\n```python\nx = 1\n```\nbye") == "```python\nx = 1\n```"
 
@@ -282,7 +289,7 @@ def test_induce_instructions_once_then_cache(tiny_llama, tmp_path):
     model, tok = tiny_llama
     examples = _examples(5)
     instructions = induce_instructions(model, tok, examples, 3, tmp_path, "tiny", max_new_tokens=8)
-    assert len(instructions) == 3 and all(isinstance(s, str) for s in instructions)
+    assert len(instructions) == 3 and all(isinstance(s, str) and "\n\n" not in s for s in instructions)
     assert induce_instructions(None, None, examples, 3, tmp_path, "tiny") == instructions
     ctxs = fewshot_contexts(0, examples, 3, "induction", seed=0, instructions=instructions)
     assert all(_user(c).startswith(instructions[j]) for j, c in enumerate(ctxs))

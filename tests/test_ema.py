@@ -102,3 +102,29 @@ def test_ema_moves_lora_adapter_weights_toward_the_student():
         for name, p in reference.named_parameters():
             p.copy_(before[name])
         assert not torch.allclose(teacher(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_ema_second_adapter_teacher_on_the_shared_base_model():
+    """Memory-lean layout for large models: the teacher is a second adapter on the student's base."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    model = get_peft_model(_tiny_llama(), lora)
+    model.add_adapter("teacher", lora)
+    model.set_adapter("default")  # only the student's adapter trains
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".default." in name:
+                p.add_(torch.randn_like(p))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable)
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    n = ema_update_(model, model, beta=0.5, rename=lambda name: name.replace(".default.", ".teacher."))
+    assert n == len(trainable)
+    for name in trainable:
+        t_name = name.replace(".default.", ".teacher.")
+        torch.testing.assert_close(params[t_name], 0.5 * before[t_name] + 0.5 * before[name])
+        assert torch.equal(params[name], before[name])  # the student is untouched
+    with pytest.raises(ValueError, match="deep-copy"):
+        ema_update_(model, model, beta=0.5)

@@ -211,7 +211,7 @@ def negative_demonstration_prompt(
     return _with_user_text(example_messages, text)
 
 
-_FINAL_MC = re.compile(r"\s*the answer is\s*\(?[A-Z]\)?\.?\s*$", re.IGNORECASE)
+_ANSWER_LINE = re.compile(r"answer (?:is|must be)\W{0,3}\(?([A-Z])\)", re.IGNORECASE)
 _CODE_BLOCK = re.compile(r"```(?:python)?\s*\n(.*?)```", re.DOTALL)
 
 
@@ -219,13 +219,18 @@ def _finish_negative(example: Any, text: str) -> str:
     """Force the canonical answer format on a generated negative, so it reads like a demonstration."""
     if example.kind == "multiple_choice":
         letter = wrong_letter(example.id, example.answer, len(example.choices))
-        body = text.strip()
-        while True:  # drop any final-answer lines the model wrote; ours comes last
-            stripped = _FINAL_MC.sub("", body)
-            if stripped == body:
-                break
-            body = stripped
-        return f"{body}\n\nThe answer is ({letter}).".strip()
+        final = f"The answer is ({letter})."
+        # Drop lines that state another letter (small models often state the right one too), then
+        # state the wrong letter last, in the canonical format.
+        kept = [
+            line
+            for line in text.strip().splitlines()
+            if all(found.upper() == letter for found in _ANSWER_LINE.findall(line))
+        ]
+        body = "\n".join(kept).strip()
+        if body.endswith(final):
+            body = body[: -len(final)].rstrip()
+        return f"{body}\n\n{final}".strip()
     if example.kind == "code":
         match = _CODE_BLOCK.search(text)
         code = match.group(1) if match else text
@@ -285,6 +290,12 @@ def induction_prompt(solved_examples: Sequence[Any]) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
+def _first_paragraph(text: str, max_chars: int = 600) -> str:
+    """The instruction proper: small models run on into invented examples after a blank line."""
+    paragraphs = [p.strip() for p in text.strip().split("\n\n") if p.strip()]
+    return (paragraphs[0] if paragraphs else "")[:max_chars]
+
+
 def induce_instructions(
     model,
     tokenizer,
@@ -321,5 +332,5 @@ def induce_instructions(
             sample = rng.sample(range(len(examples)), min(n_examples, len(examples)))
             prompts.append(induction_prompt([examples[i] for i in sample]))
         texts = generate_texts(model, tokenizer, prompts, max_new_tokens, temperature, seed)
-        cache.update({keys[j]: text.strip() for j, text in zip(missing, texts, strict=True)})
+        cache.update({keys[j]: _first_paragraph(text) for j, text in zip(missing, texts, strict=True)})
     return [cache.get(key) for key in keys]

@@ -15,6 +15,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -22,8 +24,14 @@ __all__ = ["ema_update_"]
 
 
 @torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, beta: float) -> int:
+def ema_update_(
+    teacher: nn.Module, student: nn.Module, beta: float, *, rename: Callable[[str], str] | None = None
+) -> int:
     """Update ``teacher`` in place; returns how many parameter tensors were updated.
+
+    ``rename`` maps a student parameter name to the teacher's, for a teacher that is a second LoRA
+    adapter on the student's own base model (``teacher`` is then the student itself), e.g.
+    ``rename=lambda n: n.replace(".default.", ".teacher.")``: the base weights are shared, not copied.
 
     Raises ``ValueError`` if a trainable student parameter has no same-named, same-shaped teacher
     parameter (a silent skip is how an EMA teacher ends up frozen).
@@ -35,9 +43,10 @@ def ema_update_(teacher: nn.Module, student: nn.Module, beta: float) -> int:
     for name, theta in student.named_parameters():
         if not theta.requires_grad:
             continue
-        phi = teacher_params.get(name)
+        teacher_name = rename(name) if rename is not None else name
+        phi = teacher_params.get(teacher_name)
         if phi is None:
-            raise ValueError(f"EMA teacher has no parameter {name!r} (is it a copy of the student?)")
+            raise ValueError(f"EMA teacher has no parameter {teacher_name!r} (is it a copy of the student?)")
         if phi.shape != theta.shape:
             raise ValueError(f"EMA shape mismatch for {name!r}: {tuple(phi.shape)} vs {tuple(theta.shape)}")
         if phi is theta:
