@@ -1,0 +1,71 @@
+"""LoRA adapters (peft) for parameter-efficient self-distillation.
+
+The trainer works on the returned ``PeftModel`` like on any model; because the student then trains only
+adapter weights, the frozen teacher can share the base weights (adapters disabled) and an EMA teacher can
+be a second adapter on the same base (no second copy of the model). See ``unisd_components.teachers``.
+
+Example::
+
+    model = apply_lora(model, r=64, alpha=128, target_modules="all-linear")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+__all__ = ["DEFAULT_TARGET_MODULES", "apply_lora", "is_peft_model"]
+
+# Attention and MLP projections of Llama/Qwen/Mistral/Gemma-style decoders (the paper's choice).
+DEFAULT_TARGET_MODULES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a peft ``PeftModel`` (adapters injected, base weights frozen)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int = 64,
+    alpha: float | None = None,
+    target_modules: Sequence[str] | str | None = None,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Wrap ``model`` with a fresh LoRA adapter named ``default`` (B = 0: the wrapped model equals the base).
+
+    ``alpha`` defaults to ``2 * r``; ``target_modules`` to the attention and MLP projections
+    (``"all-linear"`` is also accepted). Only the adapter weights are trainable afterwards.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if r < 1:
+        raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+    if is_peft_model(model):
+        raise ValueError("model already has peft adapters; apply_lora expects a plain transformers model")
+    if target_modules is None:
+        target_modules = list(DEFAULT_TARGET_MODULES)
+    elif not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=float(2 * r if alpha is None else alpha),
+        target_modules=target_modules,
+        lora_dropout=dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)

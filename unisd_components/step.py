@@ -1,0 +1,409 @@
+"""One micro-step of self-distillation: sample, score under the teachers, build the loss, backward.
+
+Read top to bottom, a distillation micro-step is:
+
+1. **generation**: sample one completion per prompt from the student (``generate`` with the KV cache,
+   one left-padded batch, eval mode, no gradient, pure temperature sampling: no top-k/top-p, so the
+   samples are on-policy for the distribution the loss is computed at);
+2. **teacher**: with the teacher weights, one gradient-free pass over every teacher row: the main
+   demonstration context (full-vocabulary log-probs, and final hidden states for feature matching),
+   then every component's extra contexts (K agreement contexts, the negative context) of which only
+   the sampled-token log-probs are kept, and the KL-to-base reference rows when the base weights are
+   the teacher's. Rows are sorted by length and cut into chunks of a token budget, so little compute
+   goes to padding;
+3. **student**: ``[prompt | completion]`` with gradient, LM head on completion positions only, the
+   divergence, the components' weights and terms, each term checked for finiteness, then backward of
+   ``loss / grad_accum``.
+
+Every row is ``[left padding | context | completion]`` (see :mod:`unisd_components.scoring`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from unisd_components import contexts
+from unisd_components.config import TrainingConfig, VariantConfig
+from unisd_components.divergence import token_divergence
+from unisd_components.losses import masked_sequence_means, sequence_weighted_mean, weighted_sequence_mean
+from unisd_components.registry import Component, StepScores
+from unisd_components.scoring import completion_hidden, completion_logps, pad_left, sampled_token_logps
+from unisd_components.teachers import TeacherWeights
+
+__all__ = [
+    "NonFiniteLossError",
+    "PhaseTimer",
+    "StepRunner",
+    "completion_mask",
+    "eos_token_ids",
+    "sample_completions",
+]
+
+# Tokens (rows x padded length) per teacher forward chunk; rows are length-sorted before chunking.
+_TEACHER_TOKEN_BUDGET = 16384
+_PHASES = ("generation", "teacher", "student", "optimizer")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term (or the updated weights) went NaN/inf: the variant stops here, naming step and term."""
+
+    def __init__(self, step: int, term: str, value: float | None = None) -> None:
+        self.step = step
+        self.term = term
+        self.value = value
+        shown = "" if value is None else f" (value {value})"
+        super().__init__(f"non-finite loss at optimizer step {step}: term {term!r}{shown}")
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase (``time.perf_counter``), synchronising CUDA so GPU time lands right."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = dict.fromkeys(_PHASES, 0.0)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """Every id that ends a completion: the generation config's EOS ids and the tokenizer's EOS."""
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    configured = getattr(config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ValueError("the tokenizer and model define no EOS token; completions could never end")
+    return sorted(ids)
+
+
+def completion_mask(tokens: torch.Tensor, eos_ids: Sequence[int], skip_first: int = 0) -> torch.Tensor:
+    """Bool ``[B,T]``: completion tokens up to and including the first EOS; the first ``skip_first`` off."""
+    is_eos = torch.isin(tokens, torch.tensor(list(eos_ids), device=tokens.device))
+    eos_before = is_eos.long().cumsum(-1) - is_eos.long()
+    mask = eos_before == 0
+    if skip_first:
+        mask[:, :skip_first] = False
+    return mask
+
+
+def sample_completions(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    pad_id: int,
+    eos_ids: Sequence[int],
+) -> torch.Tensor:
+    """One sampled completion per left-padded prompt: ``[B,T]`` (padded after EOS with ``pad_id``)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                eos_token_id=list(eos_ids),
+                use_cache=True,
+            )
+    finally:
+        model.train(was_training)
+    return out[:, prompt_ids.shape[1] :].clone()
+
+
+@dataclass
+class _Rows:
+    """Teacher rows of one micro-batch: context token lists, the batch example each row scores, temps."""
+
+    contexts: list[list[int]]
+    batch_index: list[int]
+
+
+class StepRunner:
+    """Holds what every micro-step reuses (tokenized contexts, teacher weights, components) and runs it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        variant: VariantConfig,
+        training: TrainingConfig,
+        components: Sequence[Component],
+        teacher: TeacherWeights | None,
+        base: TeacherWeights | None,
+        timer: PhaseTimer,
+        seed: int,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.variant = variant
+        self.training = training
+        self.components = list(components)
+        self.teacher = teacher
+        self.base = base
+        self.timer = timer
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.tau = training.loss_temperature or training.temperature
+        self.needs_hidden = any(c.needs_hidden for c in self.components)
+        self.drops_divergence = any(c.drops_divergence for c in self.components)
+        self._policy_rng = random.Random(f"{seed}:gkd-policy")
+        self._token_cache: dict[tuple[str, str], list[int]] = {}
+
+    # ---- tokenization (cached: contexts never change during a run)
+
+    def encode(self, key: tuple[str, str], messages: Sequence[dict], limit: int) -> list[int]:
+        ids = self._token_cache.get(key)
+        if ids is None:
+            ids = encode_chat(self.tokenizer, messages, limit)
+            self._token_cache[key] = ids
+        return ids
+
+    def prompt_ids(self, example: Any) -> list[int]:
+        return self.encode((example.id, "prompt"), example.messages, self.training.max_prompt_tokens)
+
+    def teacher_context_ids(self, example: Any) -> list[int]:
+        messages = contexts.demonstration_context(example.messages, example.demonstration)
+        return self.encode((example.id, "teacher"), messages, 2 * self.training.max_prompt_tokens)
+
+    def gold_completion(self, examples: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gold demonstrations as completions: tokens ``[B,T]`` (demonstration, then EOS if it fits in
+        ``max_completion_tokens``; pad after) and the bool mask of real tokens (by length, since the pad
+        id may equal EOS)."""
+        limit = self.training.max_completion_tokens
+        rows = []
+        for ex in examples:
+            ids = list(self.tokenizer(ex.demonstration, add_special_tokens=False)["input_ids"])
+            rows.append(ids[:limit] if len(ids) >= limit else ids + [self.eos_ids[0]])
+        width = max(len(r) for r in rows)
+        tokens = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = True
+        mask[:, : self.training.skip_first_tokens] = False
+        return tokens.to(self.device), mask.to(self.device)
+
+    # ---- forward passes
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()  # never bf16 on CPU
+
+    def _row_hidden(self, module: nn.Module, rows: _Rows, completion: torch.Tensor) -> torch.Tensor:
+        """Completion hidden states ``[R,T,H]`` of ``[context_r | completion[b_r]]``, length-bucketed."""
+        T = completion.shape[1]
+        order = sorted(range(len(rows.contexts)), key=lambda r: len(rows.contexts[r]))
+        chunks: list[list[int]] = [[]]
+        for r in order:
+            width = len(rows.contexts[r]) + T
+            if chunks[-1] and (len(chunks[-1]) + 1) * width > _TEACHER_TOKEN_BUDGET:
+                chunks.append([])
+            chunks[-1].append(r)
+        pieces: dict[int, torch.Tensor] = {}
+        for chunk in chunks:
+            ctx_ids, ctx_mask = pad_left([rows.contexts[r] for r in chunk], self.pad_id)
+            comp = completion[[rows.batch_index[r] for r in chunk]]
+            ids = torch.cat([ctx_ids.to(self.device), comp], dim=1)
+            mask = torch.cat([ctx_mask.to(self.device), torch.ones_like(comp)], dim=1)
+            hidden = completion_hidden(module, ids, mask, T)
+            for i, r in enumerate(chunk):
+                pieces[r] = hidden[i]
+        return torch.stack([pieces[r] for r in range(len(rows.contexts))])
+
+    def _teacher_pass(self, examples: Sequence[Any], prompts: list[list[int]], completion: torch.Tensor):
+        """Main teacher log-probs/hidden, extra-context token log-probs, KL-to-base reference token log-probs."""
+        B = len(examples)
+        rows = _Rows([self.teacher_context_ids(ex) for ex in examples], list(range(B)))
+        temps: list[float] = []
+        spans: list[tuple[str, int, int]] = []  # (component name, first row, number of contexts)
+        for component in self.components:
+            extra = component.extra_contexts(examples)
+            if extra is None:
+                continue
+            first = len(rows.contexts)
+            for j, per_example in enumerate(extra.messages):
+                for b, messages in enumerate(per_example):
+                    key = (examples[b].id, f"{component.name}:{j}")
+                    rows.contexts.append(self.encode(key, messages, 2 * self.training.max_prompt_tokens))
+                    rows.batch_index.append(b)
+            temps += [extra.temperature or self.tau] * (len(rows.contexts) - first)
+            spans.append((component.name, first, len(extra.messages)))
+        base_first = None
+        if self.base is not None and self.base is self.teacher:
+            base_first = len(rows.contexts)
+            rows.contexts += prompts
+            rows.batch_index += list(range(B))
+            temps += [self.tau] * B
+        T = completion.shape[1]
+        with torch.no_grad(), self._autocast(), self.teacher.active() as module:
+            hidden = self._row_hidden(module, rows, completion)
+            teacher_logps = completion_logps(module, hidden[:B], self.tau)
+            teacher_hidden = hidden[:B] if self.needs_hidden else None
+            extra_logps = None
+            if len(rows.contexts) > B:
+                tokens = completion[rows.batch_index[B:]]
+                extra_logps = sampled_token_logps(module, hidden[B:], tokens, torch.tensor(temps))
+        context_logps = {
+            name: extra_logps[first - B : first - B + n * B].view(n, B, T) for name, first, n in spans
+        }
+        base_logps = None
+        if base_first is not None:
+            base_logps = extra_logps[base_first - B :]
+        elif self.base is not None:
+            with torch.no_grad(), self._autocast(), self.base.active() as module:
+                hidden = self._row_hidden(module, _Rows(prompts, list(range(B))), completion)
+                base_logps = sampled_token_logps(module, hidden, completion, self.tau)
+        return teacher_logps, teacher_hidden, context_logps, base_logps
+
+    def _student_pass(self, prompts: list[list[int]], completion: torch.Tensor, temperature: float):
+        prompt_ids, prompt_mask = pad_left(prompts, self.pad_id)
+        ids = torch.cat([prompt_ids.to(self.device), completion], dim=1)
+        mask = torch.cat([prompt_mask.to(self.device), torch.ones_like(completion)], dim=1)
+        with self._autocast():
+            hidden = completion_hidden(self.model, ids, mask, completion.shape[1])
+            logps = completion_logps(self.model, hidden, temperature)
+        return hidden, logps
+
+    # ---- the micro-steps
+
+    def distill(self, examples: Sequence[Any], step: int, alpha: float, on_policy: bool = True):
+        """A self-distillation micro-step (SDFT, UniSD variants, GKD). Returns ``(terms, metrics)``."""
+        prompts = [self.prompt_ids(ex) for ex in examples]
+        with self.timer.phase("generation"):
+            if on_policy:
+                prompt_ids, prompt_mask = pad_left(prompts, self.pad_id)
+                completion = sample_completions(
+                    self.model,
+                    prompt_ids.to(self.device),
+                    prompt_mask.to(self.device),
+                    max_new_tokens=self.training.max_completion_tokens,
+                    temperature=self.training.temperature,
+                    pad_id=self.pad_id,
+                    eos_ids=self.eos_ids,
+                )
+                mask = completion_mask(completion, self.eos_ids, self.training.skip_first_tokens)
+            else:
+                completion, mask = self.gold_completion(examples)
+        with self.timer.phase("teacher"):
+            teacher_logps, teacher_hidden, context_logps, base_logps = self._teacher_pass(
+                examples, prompts, completion
+            )
+        with self.timer.phase("student"):
+            student_hidden, student_logps = self._student_pass(prompts, completion, self.tau)
+            tokens = completion.unsqueeze(-1)
+            scores = StepScores(
+                mask=mask,
+                tokens=completion,
+                student_logps=student_logps,
+                teacher_logps=teacher_logps,
+                student_token_logps=student_logps.gather(-1, tokens).squeeze(-1),
+                teacher_token_logps=teacher_logps.gather(-1, tokens).squeeze(-1),
+                student_hidden=student_hidden if self.needs_hidden else None,
+                teacher_hidden=teacher_hidden,
+                context_token_logps=context_logps,
+            )
+            terms, metrics = self._distill_terms(scores, alpha, base_logps)
+            metrics["generated_tokens"] = float(mask.sum()) if on_policy else 0.0
+            metrics["completion_tokens"] = float(mask.sum(-1).float().mean())
+            metrics["on_policy"] = float(on_policy)
+        return terms, metrics
+
+    def _distill_terms(self, scores: StepScores, alpha: float, base_logps: torch.Tensor | None):
+        metrics: dict[str, float] = {}
+        mask = scores.mask
+        per_token = token_divergence(scores.student_logps, scores.teacher_logps, alpha)
+        for component in self.components:
+            per_token = component.transform_divergence(per_token, mask, metrics)
+        token_w = _product(c.token_weights(scores, metrics) for c in self.components)
+        seq_w = _product(c.sequence_weights(scores, metrics) for c in self.components)
+        divergence = sequence_weighted_mean(masked_sequence_means(per_token, mask, token_w), seq_w)
+        terms: dict[str, torch.Tensor] = {}
+        if self.drops_divergence:
+            metrics["divergence_unused"] = float(divergence.detach())
+        else:
+            terms["divergence"] = divergence
+        for component in self.components:
+            terms.update(component.loss_terms(scores, metrics))
+        if base_logps is not None:
+            terms["kl_base"] = self.variant.kl_to_base_beta * k3_to_reference(
+                scores.student_token_logps, base_logps, mask
+            )
+        with torch.no_grad():
+            s, u = scores.student_logps.detach(), scores.teacher_logps
+            metrics["kl"] = float(weighted_sequence_mean(token_divergence(s, u, 0.0), mask))
+            metrics["entropy"] = float(weighted_sequence_mean(-(s.exp() * s).sum(-1), mask))
+        return terms, metrics
+
+    def sft(self, examples: Sequence[Any], step: int):
+        """Cross-entropy on the gold demonstrations (completion tokens only). Returns ``(terms, metrics)``."""
+        prompts = [self.prompt_ids(ex) for ex in examples]
+        with self.timer.phase("student"):
+            completion, mask = self.gold_completion(examples)
+            _, logps = self._student_pass(prompts, completion, 1.0)
+            token_logps = logps.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+            terms = {"cross_entropy": weighted_sequence_mean(-token_logps, mask)}
+            metrics = {"completion_tokens": float(mask.sum(-1).float().mean()), "generated_tokens": 0.0}
+        return terms, metrics
+
+    def gkd_on_policy(self, lmbda: float) -> bool:
+        """GKD's coin: on-policy student samples with probability ``lmbda`` (seeded), else gold."""
+        return self._policy_rng.random() < lmbda
+
+
+def k3_to_reference(student_tok: torch.Tensor, ref_tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(student || reference) on sampled tokens: ``exp(r) - r - 1``, ``r = ref - student``."""
+    r = ref_tok.detach().float() - student_tok.float()
+    return weighted_sequence_mean(torch.expm1(r) - r, mask)
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[dict], limit: int) -> list[int]:
+    """Chat-template ``messages`` with the generation prompt; keep the last ``limit`` tokens."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    else:  # plain LM: the contents, then a line break where the completion starts
+        text = "\n\n".join(str(m["content"]) for m in messages) + "\n"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(ids[-limit:])
+
+
+def _product(weights) -> torch.Tensor | None:
+    out = None
+    for w in weights:
+        if w is not None:
+            out = w if out is None else out * w
+    return out
