@@ -295,3 +295,62 @@ def test_sft_loss_is_the_gold_cross_entropy(tiny_model_and_tokenizer, cache_dir)
         want = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(gold))
     result = train_variant(model, tok, ex, VariantConfig(method="sft"), training, cache_dir=cache_dir)
     assert result.history[0]["loss"] == pytest.approx(float(want), rel=1e-4)
+
+
+def test_sampled_token_scoring_equals_full_log_softmax_then_gather(tiny_model_and_tokenizer):
+    """The chunked K-context scoring equals the naive [R,T,V] log_softmax + gather, per-row temperatures."""
+    from unisd_components.scoring import sampled_token_logps
+
+    model, _ = tiny_model_and_tokenizer
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 5, model.config.hidden_size, generator=g)
+    tokens = torch.randint(0, model.config.vocab_size, (7, 5), generator=g)
+    temps = torch.tensor([1.0, 0.7, 0.7, 1.0, 2.0, 0.5, 1.0])
+    with torch.no_grad():
+        full = torch.log_softmax(model.lm_head(hidden).double() / temps[:, None, None].double(), -1)
+        want = full.gather(-1, tokens[..., None]).squeeze(-1)
+        # chunk_elements small enough that every row is its own chunk
+        got = sampled_token_logps(model, hidden, tokens, temps, chunk_elements=5 * model.config.vocab_size)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+
+
+def test_left_padded_rows_score_like_unpadded_ones(tiny_model_and_tokenizer):
+    """Padding and position ids: each row of a left-padded batch scores as it does alone."""
+    from unisd_components.scoring import completion_hidden, completion_logps, pad_left
+
+    model, _ = tiny_model_and_tokenizer
+    contexts = [[1, 50, 60, 70, 80, 90, 100], [1, 55], [1, 65, 75, 85]]
+    completion = torch.tensor([[7, 8, 9], [10, 11, 12], [13, 14, 15]])
+    ctx_ids, ctx_mask = pad_left(contexts, pad_id=2)
+    ids = torch.cat([ctx_ids, completion], 1)
+    mask = torch.cat([ctx_mask, torch.ones_like(completion)], 1)
+    with torch.no_grad():
+        batched = completion_logps(model, completion_hidden(model, ids, mask, 3), 0.7)
+        for i, ctx in enumerate(contexts):
+            row = torch.tensor([ctx + completion[i].tolist()])
+            alone = torch.log_softmax(model(input_ids=row).logits[0, len(ctx) - 1 : -1].float() / 0.7, -1)
+            torch.testing.assert_close(batched[i], alone, atol=2e-4, rtol=1e-4)
+    assert torch.isfinite(batched).all()
+
+
+def test_gradient_checkpointing_and_accumulation(tiny_model_and_tokenizer, cache_dir):
+    model, tok = tiny_model_and_tokenizer
+    training = TRAINING.model_copy(
+        update={"gradient_checkpointing": True, "grad_accum": 2, "max_steps": None, "epochs": 1.0}
+    )
+    variant = VariantConfig(feature_matching=FeatureMatchingConfig())
+    result = train_variant(model, tok, _examples(), variant, training, cache_dir=cache_dir)
+    # 6 examples / batch 2 = 3 micro-batches per epoch, 2 per optimizer step -> 2 steps.
+    assert result.steps == 2 and all(math.isfinite(r["loss"]) for r in result.history)
+    assert result.generated_tokens == sum(int(r["generated_tokens"]) for r in result.history)
+    assert not model.is_activation_checkpointing
+
+
+def test_bad_inputs_are_rejected(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    with pytest.raises(ValueError, match="at least one"):
+        train_variant(model, tok, [], VariantConfig(), TRAINING)
+    twice = _examples(2)
+    twice[1].id = twice[0].id
+    with pytest.raises(ValueError, match="unique"):
+        train_variant(model, tok, twice, VariantConfig(), TRAINING)

@@ -100,8 +100,8 @@ class AdapterTeacher(TeacherWeights):
         if set(self._student_view) != set(self._teacher_view):
             raise RuntimeError("teacher and student adapters have different structures")
         with torch.no_grad():
-            for name, param in self._teacher_view.items():
-                param.copy_(self._student_view[name])
+            for key, param in self._teacher_view.items():
+                param.copy_(self._student_view[key])
                 param.requires_grad_(False)
 
     @contextmanager
@@ -118,7 +118,10 @@ class AdapterTeacher(TeacherWeights):
     def ema_update(self, student: nn.Module, beta: float) -> int:
         if student is not self.module:
             raise ValueError("an adapter teacher can only follow the model it lives in")
-        return ema_update_(self._teacher_view, self._student_view, beta)
+        student_marker, teacher_marker = f".{self.student_adapter}.", f".{self.name}."
+        return ema_update_(
+            self.module, self.module, beta, rename=lambda n: n.replace(student_marker, teacher_marker)
+        )
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self._teacher_view.values())

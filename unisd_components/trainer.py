@@ -144,7 +144,7 @@ def _train(model, tokenizer, examples, variant, training, cache_dir, callback, t
 
     checkpointing = training.gradient_checkpointing
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _set_checkpointing(model, True)
     history: list[dict[str, float]] = []
     generated = 0
     was_training = model.training
@@ -178,7 +178,7 @@ def _train(model, tokenizer, examples, variant, training, cache_dir, callback, t
     finally:
         model.train(was_training)
         if checkpointing:
-            model.gradient_checkpointing_disable()
+            _set_checkpointing(model, False)
         _drop_teacher_adapters(model)
     phase_seconds = dict(timer.seconds)
     phase_seconds["setup"] = setup_seconds
@@ -266,6 +266,19 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def _set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation (gradient) checkpointing; non-reentrant, so frozen LoRA inputs need no grad hook."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _drop_teacher_adapters(model: nn.Module) -> None:

@@ -1,0 +1,146 @@
+"""LoRA: apply_lora, the teachers that share the base weights, and EMA moving the teacher's adapter."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from unisd_components import trainer as trainer_module
+from unisd_components.config import EMAConfig, TrainingConfig, VariantConfig
+from unisd_components.lora import apply_lora, is_peft_model
+from unisd_components.teachers import AdapterTeacher, DisabledAdapterTeacher, make_teacher
+from unisd_components.trainer import TrainingExample, train_variant
+
+TRAINING = TrainingConfig(
+    max_steps=2, batch_size=2, max_completion_tokens=8, learning_rate=1e-2, warmup_ratio=0.0
+)
+
+
+def _examples() -> list[TrainingExample]:
+    return [
+        TrainingExample(
+            id=f"lora/{i}",
+            messages=[{"role": "user", "content": f"Name a number larger than {i}."}],
+            demonstration=f"{i + 1} is larger than {i}.",
+        )
+        for i in range(4)
+    ]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_apply_lora_trains_adapters_only_and_starts_as_the_base(tiny_model_and_tokenizer):
+    model, _ = tiny_model_and_tokenizer
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    base_logits = _logits(model, ids)
+    wrapped = apply_lora(model, r=4, alpha=8)
+    assert is_peft_model(wrapped)
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("q_proj" in n for n in trainable) and any("down_proj" in n for n in trainable)
+    torch.testing.assert_close(_logits(wrapped, ids), base_logits)
+    with pytest.raises(ValueError, match="already has peft adapters"):
+        apply_lora(wrapped, r=4)
+    with pytest.raises(ValueError, match="rank"):
+        apply_lora(tiny_model_and_tokenizer[0], r=0)
+
+
+def test_teacher_kinds_under_lora(tiny_model_and_tokenizer):
+    model = apply_lora(tiny_model_and_tokenizer[0], r=4)
+    assert isinstance(make_teacher(model, ema=False), DisabledAdapterTeacher)
+    teacher = make_teacher(model, ema=True)
+    assert isinstance(teacher, AdapterTeacher)
+    # Only the student's adapter trains; the teacher adapter is a frozen copy of it.
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all("unisd_teacher" not in n for n, p in model.named_parameters() if p.requires_grad)
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    student_logits = _logits(model, ids)
+    with teacher.active() as module:
+        torch.testing.assert_close(_logits(module, ids), student_logits)
+    assert model.active_adapter == "default"
+    assert any(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
+
+
+def test_non_fresh_adapter_gets_a_copied_teacher_not_the_base(tiny_model_and_tokenizer):
+    model = apply_lora(tiny_model_and_tokenizer[0], r=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    teacher = make_teacher(model, ema=False)
+    assert isinstance(teacher, AdapterTeacher)
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with teacher.active() as module:
+        torch.testing.assert_close(_logits(module, ids), _logits(model, ids))
+
+
+@pytest.fixture()
+def spy_teacher(monkeypatch):
+    made = []
+    real = trainer_module.make_teacher
+
+    def recording(student, **kwargs):
+        teacher = real(student, **kwargs)
+        made.append(teacher)
+        return teacher
+
+    monkeypatch.setattr(trainer_module, "make_teacher", recording)
+    return made
+
+
+def test_frozen_teacher_under_lora_is_the_untouched_base(tiny_model_and_tokenizer, tmp_path, spy_teacher):
+    model = apply_lora(tiny_model_and_tokenizer[0], r=4)
+    tok = tiny_model_and_tokenizer[1]
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = train_variant(model, tok, _examples(), VariantConfig(), TRAINING, cache_dir=tmp_path)
+    assert all(math.isfinite(r["loss"]) for r in result.history)
+    assert isinstance(spy_teacher[0], DisabledAdapterTeacher)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(base[n], params[n]) for n in base)
+    assert any(not torch.equal(adapters[n], params[n]) for n in adapters)
+
+
+def test_ema_teacher_adapter_moves_toward_the_student(tiny_model_and_tokenizer, tmp_path, spy_teacher):
+    """The published code skips adapter weights, so its EMA teacher never moves under LoRA; ours does."""
+    model = apply_lora(tiny_model_and_tokenizer[0], r=4)
+    tok = tiny_model_and_tokenizer[1]
+    beta = 0.5
+    seen = []
+
+    def record(step, metrics):
+        teacher = spy_teacher[0]
+        student = {
+            n.replace(".default.", "."): p.detach().clone()
+            for n, p in model.named_parameters()
+            if ".default." in n
+        }
+        mine = {
+            n.replace(".unisd_teacher.", "."): p.detach().clone()
+            for n, p in model.named_parameters()
+            if ".unisd_teacher." in n
+        }
+        assert len(teacher.parameters()) == len(mine) > 0
+        seen.append((student, mine))
+
+    variant = VariantConfig(ema=EMAConfig(beta=beta, sync_steps=1))
+    train_variant(model, tok, _examples(), variant, TRAINING, cache_dir=tmp_path, callback=record)
+    # Before the first sync the teacher adapter equals the initial student adapter (lora_B = 0).
+    previous = {n: p for n, p in seen[0][1].items()}
+    first_student = seen[0][0]
+    for name, phi in seen[0][1].items():
+        if "lora_B" in name:
+            # phi_1 = beta * 0 + (1 - beta) * theta_1: the EMA teacher left the base.
+            torch.testing.assert_close(phi, (1 - beta) * first_student[name])
+            assert phi.abs().sum() > 0
+    student, teacher = seen[1]
+    for name, phi in teacher.items():
+        torch.testing.assert_close(phi, beta * previous[name] + (1 - beta) * student[name])
+    # The returned model carries the student's adapter only.
+    assert "unisd_teacher" not in model.peft_config
+    assert all(".unisd_teacher." not in n for n, _ in model.named_parameters())
