@@ -6,6 +6,7 @@ import base64
 import itertools
 import json
 import math
+from collections.abc import Sequence
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -266,13 +267,13 @@ class _Collector(HTMLParser):
             self.images.append(dict(attrs)["src"])
 
 
-def _check_html_embeds_every_figure(files) -> None:
+def _check_html_embeds_every_figure(html_file: Path, figures: Sequence[Path]) -> None:
     parser = _Collector()
-    parser.feed(files.html.read_text(encoding="utf-8"))
+    parser.feed(html_file.read_text(encoding="utf-8"))
     parser.close()
     assert "table" in parser.tags and "h1" in parser.tags
-    pngs = sorted((files.directory / "figures").glob("*.png"))
-    assert pngs and sorted(files.figures) == pngs
+    pngs = sorted((html_file.parent / "figures").glob("*.png"))
+    assert pngs and sorted(figures) == pngs
     embedded = [base64.b64decode(src.removeprefix("data:image/png;base64,")) for src in parser.images]
     assert all(src.startswith("data:image/png;base64,") for src in parser.images)
     assert sorted(embedded) == sorted(p.read_bytes() for p in pngs)
@@ -285,7 +286,7 @@ def test_study_report_files_html_and_pareto(tmp_path):
     files = build_report(
         _study_table(), components=["a", "b"], metrics=metrics, out_dir=tmp_path, title="Study"
     )
-    _check_html_embeds_every_figure(files)
+    _check_html_embeds_every_figure(files.html, files.figures)
     names = {p.name for p in files.figures}
     assert {"shapley_mean_acc.png", "interactions_mean_acc.png"} <= names
     assert {f"pareto_mean_acc_vs_{x}.png" for x in ("ppl_ret", "train_seconds", "generated_tokens")} <= names
@@ -328,7 +329,7 @@ def test_search_report_has_optuna_figures_and_best_params(tmp_path):
     )  # fmt: skip
     names = {p.name for p in files.figures}
     assert {"optuna_importances.png", "optuna_history.png", "optuna_parallel.png"} <= names
-    _check_html_embeds_every_figure(files)
+    _check_html_embeds_every_figure(files.html, files.figures)
     search = json.loads(files.effects_json.read_text())["_search"]
     assert search["best_params"] == pytest.approx(study.best_params)
     assert set(search["param_importances"]) == {"agreement.gamma", "a"}
@@ -409,3 +410,87 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert main(["report", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def _logged_study(tmp_path: Path, *, search: bool) -> tuple[Path, object, list[dict]]:
+    """A smoke-shaped study written through the real tracking module (MLflow on SQLite, no training):
+    SDFT and the UniSD subsets of {ema, clipping}, two seeds, known effects on the accuracies."""
+    from harness import tracking
+    from harness.spec import load_spec
+
+    text = (Path(__file__).resolve().parents[1] / "studies" / "smoke.yaml").read_text()
+    text = text.replace("output_dir: runs/smoke", f"output_dir: {tmp_path / 'run'}")
+    if search:
+        text = text.replace("    beta: 0.9\n", "    beta: {type: float, low: 0.5, high: 0.99}\n")
+        text = text.replace("  sampler: grid\n", "  sampler: random\n  n_trials: 8\n")
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    spec = load_spec(path)
+    handle = tracking.init_tracking(spec)
+    study = None
+    if search:
+        study = optuna.create_study(study_name=spec.name, storage=spec.storage_url, direction="maximize")
+    truth, number = [], 0
+    for seed in (0, 1):
+        for ema, clip in itertools.product((0, 1), repeat=2):
+            on = [c for c, flag in (("ema", ema), ("clipping", clip)) if flag]
+            name = "unisd[" + "+".join(on) + "]" if on else "sdft"
+            beta = 0.5 + 0.06 * number
+            acc = 0.3 + 0.1 * ema + 0.02 * clip + 0.05 * ema * clip + 0.01 * seed
+            metrics = {"scienceqa.acc": acc, "mbpp.pass_at_1": acc / 2, "mean.acc": 0.75 * acc,
+                       "ppl_ret": 2.0 + clip, "train_seconds": 10.0 + ema, "generated_tokens": 100}  # fmt: skip
+            run = tracking.TrialRun.start(
+                handle, trial_number=number, variant=name, family="baseline" if not on else "unisd", seed=seed,
+                components={"ema": bool(ema), "clipping": bool(clip)}, params={"ema.beta": beta},
+                system_metrics=False,
+            )  # fmt: skip
+            run.log_metrics(metrics)
+            run.finish("COMPLETE")
+            if study is not None:
+                trial = study.ask()
+                trial.suggest_float("ema.beta", 0.5, 0.99)
+                trial.suggest_categorical(
+                    "subset", ["sdft", "unisd[ema]", "unisd[clipping]", "unisd[ema+clipping]"]
+                )
+                study.tell(trial, metrics["mean.acc"])
+            truth.append(metrics)
+            number += 1
+    return path, spec, truth
+
+
+def _parent_artifacts(spec) -> list[str]:
+    from mlflow import MlflowClient
+
+    from harness import tracking
+
+    handle = tracking.open_tracking(spec)
+    client = MlflowClient(spec.tracking_uri)
+    return [a.path for a in client.list_artifacts(handle.parent_run_id, "report")]
+
+
+def test_cli_study_mode_reads_mlflow_and_logs_the_report(tmp_path, capsys):
+    spec_path, spec, _ = _logged_study(tmp_path, search=False)
+    out = tmp_path / "report"
+    assert main(["report", str(spec_path), "--out", str(out)]) == 0
+    data = json.loads((out / "effects.json").read_text(encoding="utf-8"))
+    # components in canonical order (ema before clipping); mean.acc = 0.75·(0.1 e + 0.02 c + 0.05 e·c) + ...
+    assert data["mean.acc"]["main_effects"] == pytest.approx({"ema": 0.75 * 0.125, "clipping": 0.75 * 0.045})
+    assert data["mean.acc"]["interactions"] == pytest.approx({"ema×clipping": 0.75 * 0.05})
+    assert data["mean.acc"]["anova"]["df_resid"] == 8 - 4
+    _check_html_embeds_every_figure(out / "report.html", sorted(out.glob("figures/*.png")))
+    assert {"report/report.html", "report/report.md", "report/effects.json", "report/results.csv"} <= set(
+        _parent_artifacts(spec)
+    )
+
+
+def test_study_mode_search_adds_optuna_section(tmp_path):
+    from harness.report import report_for_study
+
+    _, spec, truth = _logged_study(tmp_path, search=True)
+    files = report_for_study(spec, out_dir=tmp_path / "report")
+    data = json.loads(files.effects_json.read_text(encoding="utf-8"))
+    assert data["_search"]["best_trial"]["value"] == pytest.approx(max(m["mean.acc"] for m in truth))
+    assert {"optuna_history.png", "optuna_parallel.png", "optuna_importances.png"} <= {
+        p.name for p in files.figures
+    }
+    assert "## Search" in files.markdown.read_text()
