@@ -247,7 +247,8 @@ def analyse_effects(df: pd.DataFrame, components: Sequence[str], metric: str) ->
     shapley = _shapley(v, components)
 
     notes = [
-        "v(S) = mean of the metric over the COMPLETE rows (seeds) of subset S; effects are then "
+        "v(S) = mean of the metric over the COMPLETE rows of subset S (its seeds, and in a search its "
+        "hyperparameter draws); effects are then "
         "averaged over subsets, each subset weighing the same."
     ]
     if not v:

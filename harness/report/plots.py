@@ -141,7 +141,7 @@ def optuna_figure(draw: Callable[..., object], path: Path, **kwargs) -> Path:
     axes = np.atleast_1d(np.asarray(result, dtype=object)).ravel()
     fig = axes[0].figure
     try:
-        fig.set_size_inches(max(fig.get_size_inches()[0], 7.0), max(fig.get_size_inches()[1], 4.5))
+        fig.set_size_inches(max(fig.get_size_inches()[0], 9.0), max(fig.get_size_inches()[1], 4.8))
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=_DPI)
