@@ -62,15 +62,72 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    raise HarnessError("harness run is not implemented yet")
+    from harness.spec import load_spec
+    from harness.study import run_study
+
+    spec = load_spec(args.spec).with_overrides(output_dir=args.output_dir, storage=args.storage)
+    summary = run_study(spec, workers=args.workers, dry_run=args.dry_run)
+    if summary.dry_run:
+        print(summary.plan)
+        return 0
+    states = ", ".join(f"{n} {s}" for s, n in sorted(summary.states.items()))
+    print(f"study {summary.study}: {states} ({summary.ran} run now, {summary.wall_seconds:.1f}s)")
+    if summary.overhead_share is not None:
+        work = summary.train_seconds + summary.eval_seconds
+        print(
+            f"training + evaluation {work:.1f}s; harness overhead {summary.overhead_share:.1%} of the wall time"
+        )
+    print(f"storage {summary.storage}; tracking {spec.tracking_uri} (harness ui {args.spec})")
+    if not args.no_report:
+        from harness.report import report_for_study
+
+        files = report_for_study(spec)
+        print(f"report: {files.directory}")
+    return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    raise HarnessError("harness status is not implemented yet")
+    import json
+
+    from harness.spec import load_spec
+    from harness.study import status
+
+    spec = load_spec(args.spec).with_overrides(output_dir=args.output_dir, storage=args.storage)
+    data = status(spec)
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"study {data['study']} ({data['storage']})")
+    for column in ("number", "state", "variant", "/".join(data["objectives"]), "MLflow run id", "duration"):
+        table.add_column(column)
+    for t in data["trials"]:
+        values = "" if t["values"] is None else ", ".join(f"{v:.4g}" for v in t["values"])
+        duration = "" if t["duration_seconds"] is None else f"{t['duration_seconds']:.1f}s"
+        state = t["state"] + (f" ({t['fail_reason']})" if t["fail_reason"] else "")
+        table.add_row(str(t["number"]), state, t["variant"] or "", values, t["mlflow_run_id"] or "", duration)
+    Console().print(table)
+    return 0
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    raise HarnessError("harness ui is not implemented yet")
+    import os
+    import signal
+
+    from harness.spec import load_spec
+    from harness.tracking import start_ui
+
+    spec = load_spec(args.spec).with_overrides(output_dir=args.output_dir)
+    process, url = start_ui(spec, args.port)
+    print(f"MLflow UI for study {spec.name}: {url}  (Ctrl-C stops it)", flush=True)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        os.killpg(process.pid, signal.SIGTERM)  # the UI's workers are in its process group
+        process.wait(timeout=30)
+        return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

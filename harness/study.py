@@ -1,0 +1,751 @@
+"""Run a study with Optuna: create or resume it, reconcile what a killed run left, run the trials.
+
+One Optuna trial is one variant (component subset + hyperparameters + seed). Two kinds of trial:
+
+- **fixed points** (an ablation grid, and the baselines of a search): every point of
+  ``harness.plan.grid_points(spec)`` is enqueued as a WAITING trial carrying the user attribute
+  ``point_key``; workers claim WAITING trials atomically (the storage's compare-and-set from WAITING to
+  RUNNING, as ``Study.ask`` does), so no point runs twice at once. Enqueue order is the plan's order
+  (baselines first).
+- **searched points** (``search.sampler`` tpe / random): after the fixed points, ``study.ask()`` and
+  ``harness.plan.suggest_point(trial, spec)``, until ``search.n_trials`` searched trials or
+  ``search.timeout`` seconds; a pruner reads the dev-set metric the trial reports while it trains.
+
+Resume (the same command again): RUNNING trials whose owner process is gone (owner = host, pid and
+process start time, stored on the trial) become FAIL with reason "interrupted"; their MLflow runs are
+closed as KILLED; fixed points with no COMPLETE trial and no WAITING/RUNNING one are enqueued again.
+COMPLETE points never rerun. A failing trial (non-finite loss, out of memory, any exception) is FAIL with
+its reason (user attribute ``fail_reason`` and MLflow tag) and the study goes on; only a user error
+(``HarnessError``, e.g. missing data) stops it, since every later trial would hit it too.
+
+Storage: ``sqlite:///<output_dir>/optuna.db`` by default; with ``workers > 1`` a journal file
+(``<output_dir>/optuna.journal``: Optuna's advice is never SQLite for parallel writers); any URL given
+(``postgresql://...``) as is, for several machines. Distributed caveat: a RUNNING trial owned by another
+host cannot be checked for liveness from here; it is reconciled by a run on its own host.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harness.errors import HarnessError
+from harness.progress import LineProgress, RichProgress, StudyProgress
+
+if TYPE_CHECKING:
+    import optuna
+
+    from harness.spec import StudySpec
+    from harness.tracking import StudyTracking
+    from harness.trial import TrialContext
+
+__all__ = ["StudySummary", "TrialFn", "load_study", "resolve_storage", "run_study", "study_trials"]
+
+TrialFn = Callable[[Any, "StudySpec", "TrialContext"], Mapping[str, float]]
+JOURNAL_SCHEME = "journal:///"
+INTERRUPTED = "interrupted"
+INTERRUPTED_BY_USER = "interrupted by user"
+_ORPHAN_GRACE = timedelta(minutes=2)  # a RUNNING trial without an owner record: claimed, then killed at once
+
+
+@dataclass
+class StudySummary:
+    """What one ``run_study`` call did. ``overhead_share``: wall time outside training and evaluation."""
+
+    study: str
+    storage: str
+    output_dir: str
+    dry_run: bool = False
+    total_points: int = 0
+    states: dict[str, int] = field(default_factory=dict)
+    ran: int = 0
+    wall_seconds: float = 0.0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    overhead_share: float | None = None
+    interrupted: bool = False
+    plan: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage
+
+
+def resolve_storage(spec: StudySpec, workers: int = 1) -> str:
+    """The Optuna storage URL of a study (``journal:///path`` stands for a journal file).
+
+    An explicit ``spec.storage`` (or ``--storage``) wins; else whatever this output dir already holds,
+    so a study resumed with another ``--workers`` keeps its storage; else SQLite for one worker and a
+    journal file for several.
+    """
+    out = spec.output_path.resolve()
+    if spec.storage:
+        url = spec.storage
+    elif (out / "optuna.journal").exists():
+        url = JOURNAL_SCHEME + str(out / "optuna.journal")
+    elif (out / "optuna.db").exists() or workers <= 1:
+        url = f"sqlite:///{out / 'optuna.db'}"
+    else:
+        url = JOURNAL_SCHEME + str(out / "optuna.journal")
+    if workers > 1 and url.startswith("sqlite"):
+        raise HarnessError(
+            f"--workers {workers} cannot share the SQLite storage {url} (parallel SQLite writers corrupt or lock it); "
+            "use a new --output-dir (a journal file is then used) or --storage postgresql://..."
+        )
+    return url
+
+
+def _make_storage(url: str):
+    import optuna
+    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if url.startswith(JOURNAL_SCHEME):
+        path = Path("/" + url.removeprefix(JOURNAL_SCHEME).lstrip("/"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # A long busy timeout: the MLflow process-monitor thread and `harness status` may read meanwhile.
+        return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    try:
+        return RDBStorage(url)
+    except (optuna.exceptions.StorageInternalError, ImportError, ValueError) as err:
+        raise HarnessError(f"cannot open Optuna storage {url}: {err}") from err
+
+
+def _sampler(spec: StudySpec, worker: int = 0):
+    import optuna
+
+    seed = spec.search.seed + worker  # distinct streams: workers must not all propose the same point
+    if spec.search.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    # grid: every trial is a fixed point and suggests nothing; the sampler is never consulted.
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _pruner(spec: StudySpec):
+    import optuna
+
+    if spec.search.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if spec.search.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1)
+    return optuna.pruners.NopPruner()
+
+
+def load_study(spec: StudySpec, storage_url: str, *, create: bool, worker: int = 0) -> optuna.Study:
+    """Open (or create) the study named by the spec; refuse one whose objectives changed."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    directions = [o.direction for o in spec.search.objectives]
+    storage = _make_storage(storage_url)
+    if create:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=spec.name,
+            directions=directions,
+            sampler=_sampler(spec, worker),
+            pruner=_pruner(spec),
+            load_if_exists=True,
+        )
+    else:
+        try:
+            study = optuna.load_study(
+                study_name=spec.name, storage=storage, sampler=_sampler(spec, worker), pruner=_pruner(spec)
+            )
+        except KeyError as err:
+            raise HarnessError(f"no study {spec.name!r} in {storage_url}: run `harness run` first") from err
+    found = [d.name.lower() for d in study.directions]
+    if found != directions:
+        raise HarnessError(
+            f"study {spec.name!r} in {storage_url} has directions {found}, the spec asks {directions}: "
+            "use a new output_dir (or study name) for a changed objective"
+        )
+    return study
+
+
+def study_trials(
+    spec: StudySpec, *, storage: str | None = None
+) -> tuple[str, list[optuna.trial.FrozenTrial]]:
+    """The storage URL and every trial of an existing study (for ``harness status``)."""
+    url = storage or resolve_storage(spec, workers=1)
+    if url.startswith(("sqlite:///", JOURNAL_SCHEME)):
+        path = Path("/" + url.split(":///", 1)[1].lstrip("/"))
+        if not path.exists():
+            raise HarnessError(f"no study storage at {path}: run `harness run` on this spec first")
+    study = load_study(spec, url, create=False)
+    return url, study.get_trials(deepcopy=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Trial ownership and reconciliation
+
+
+def _process_start(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def _owner_record() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
+
+
+def _owner_alive(owner: Mapping[str, Any]) -> bool | None:
+    """True/False for a process on this host; None when the owner runs elsewhere (cannot tell)."""
+    if owner.get("host") != socket.gethostname():
+        return None
+    started = _process_start(int(owner["pid"]))
+    # A pid is reused after its process dies: the start time tells the original from an impostor.
+    return started is not None and abs(started - float(owner.get("started") or 0)) < 1.0
+
+
+def _is_stale(trial: optuna.trial.FrozenTrial) -> bool:
+    owner = trial.user_attrs.get("owner")
+    if owner is None:
+        start = trial.datetime_start or datetime.now()
+        return datetime.now() - start > _ORPHAN_GRACE
+    return _owner_alive(owner) is False
+
+
+def _fixed_points(spec: StudySpec) -> dict[str, Any]:
+    from harness.plan import grid_points, point_key
+
+    points: dict[str, Any] = {}
+    for point in grid_points(spec):
+        points.setdefault(point_key(point), point)
+    return points
+
+
+def reconcile(
+    study: optuna.Study, spec: StudySpec, points: Mapping[str, Any], tracking_uri: str | None
+) -> dict[str, int]:
+    """Make the storage consistent before trials run; return counts of what was repaired."""
+    from optuna.trial import TrialState
+
+    from harness import tracking as mltrack
+
+    repaired = {"interrupted": 0, "enqueued": 0, "dropped": 0}
+    storage = study._storage
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not _is_stale(trial):
+            continue
+        storage.set_trial_user_attr(trial._trial_id, "fail_reason", INTERRUPTED)
+        storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        repaired["interrupted"] += 1
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if trial.user_attrs.get("point_key") not in points:  # the spec changed since it was enqueued
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", "point no longer in the spec")
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            repaired["dropped"] += 1
+    trials = study.get_trials(deepcopy=False)
+    covered = {
+        t.user_attrs.get("point_key")
+        for t in trials
+        if t.user_attrs.get("fixed")
+        and t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
+    }
+    for key, point in points.items():
+        if key not in covered:
+            study.enqueue_trial({}, user_attrs={"point_key": key, "fixed": True, **_point_attrs(point)})
+            repaired["enqueued"] += 1
+    if tracking_uri is not None:
+        states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+        reasons = {t.number: t.user_attrs.get("fail_reason") for t in study.get_trials(deepcopy=False)}
+        mltrack.close_dangling_runs(tracking_uri, spec, states, reasons)
+    return repaired
+
+
+def _point_attrs(point: Any) -> dict[str, Any]:
+    from harness.plan import point_summary
+
+    return dict(point_summary(point))
+
+
+# --------------------------------------------------------------------------------------------------
+# One worker's loop
+
+
+@dataclass
+class _WorkerArgs:
+    spec: StudySpec
+    storage_url: str
+    tracking: StudyTracking
+    trial_fn: TrialFn | None
+    worker: int
+    n_workers: int
+    started_at: float
+
+
+def _claim_waiting(study: optuna.Study) -> optuna.Trial | None:
+    """Atomically move one WAITING trial to RUNNING (the storage's compare-and-set), as Study.ask does."""
+    import optuna
+    from optuna.trial import TrialState
+
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if not study._storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        return optuna.Trial(study, frozen._trial_id)
+    return None
+
+
+def _search_budget_left(study: optuna.Study, spec: StudySpec, started_at: float) -> bool:
+    search = spec.search
+    if search.sampler == "grid":
+        return False
+    if search.timeout is not None and time.time() - started_at >= search.timeout:
+        return False
+    if search.n_trials is None:
+        return True
+    used = sum(
+        1
+        for t in study.get_trials(deepcopy=False)
+        if not t.user_attrs.get("fixed")
+        and not str(t.user_attrs.get("fail_reason", "")).startswith(INTERRUPTED)
+    )
+    return used < search.n_trials
+
+
+def _failure_reason(err: BaseException) -> str:
+    name = type(err).__name__
+    if name == "NonFiniteLossError":  # its message names the optimizer step and the loss term
+        return str(err)[:500]
+    if name == "OutOfMemoryError" or "out of memory" in str(err).lower():
+        return f"out of memory: {str(err).splitlines()[0] if str(err) else name}"[:500]
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"{name}: {first}"[:500]
+
+
+def _objective_values(spec: StudySpec, metrics: Mapping[str, float]) -> list[float]:
+    values = []
+    for objective in spec.search.objectives:
+        value = metrics.get(objective.metric)
+        if value is None:
+            raise ValueError(f"objective metric {objective.metric!r} missing from the trial's metrics")
+        if not math.isfinite(float(value)):
+            raise ValueError(f"objective metric {objective.metric!r} is {value}")
+        values.append(float(value))
+    return values
+
+
+def _run_one(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    point: Any,
+    args: _WorkerArgs,
+    progress: StudyProgress,
+) -> str:
+    """Run one claimed trial to a final state; return it. Re-raises KeyboardInterrupt and HarnessError."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from harness.plan import point_key, point_summary
+    from harness.tracking import TrialRun
+    from harness.trial import TrialContext, run_trial
+
+    spec = args.spec
+    trial_fn = args.trial_fn or run_trial
+    number = trial.number
+    summary = dict(point_summary(point))
+    variant = str(summary.get("variant", "?"))
+    storage = study._storage
+    for key, value in {"point_key": point_key(point), **summary}.items():
+        storage.set_trial_user_attr(trial._trial_id, key, value)
+    progress.trial_start(number, variant)
+    started = time.perf_counter()
+    run = TrialRun.start(
+        args.tracking,
+        trial_number=number,
+        variant=variant,
+        family=str(summary.get("family", "")),
+        seed=int(summary.get("seed", 0)),
+        components=summary.get("components", {}),
+        params=summary.get("params", {}),
+        point_key=point_key(point),
+    )
+    storage.set_trial_user_attr(trial._trial_id, "mlflow_run_id", run.run_id)
+    trial_dir = spec.output_path.resolve() / "trials" / str(number)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    ctx = TrialContext(
+        number=number,
+        output_dir=spec.output_path.resolve(),
+        trial_dir=trial_dir,
+        cache_dir=spec.output_path.resolve() / "cache",
+        run=run,
+        progress=progress,
+        optuna_trial=trial if spec.search.pruner != "none" else None,
+    )
+
+    def fail(reason: str, *, user: bool = False) -> None:
+        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        storage.set_trial_user_attr(trial._trial_id, "seconds", time.perf_counter() - started)
+        study.tell(trial, state=TrialState.FAIL)
+        run.finish("INTERRUPTED" if user else "FAIL", reason)
+        progress.trial_end(number, variant, "FAIL", time.perf_counter() - started, reason)
+
+    try:
+        metrics = dict(trial_fn(point, spec, ctx))
+        values = _objective_values(spec, metrics)
+    except optuna.TrialPruned as pruned:
+        storage.set_trial_user_attr(trial._trial_id, "seconds", time.perf_counter() - started)
+        study.tell(trial, state=TrialState.PRUNED)
+        run.finish("PRUNED", str(pruned) or None)
+        progress.trial_end(number, variant, "PRUNED", time.perf_counter() - started)
+        return "PRUNED"
+    except KeyboardInterrupt:
+        fail(INTERRUPTED_BY_USER, user=True)
+        raise
+    except HarnessError as err:
+        fail(f"HarnessError: {err}")
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure of one variant must not stop the study
+        reason = _failure_reason(err)
+        (trial_dir / "error.txt").write_text("".join(traceback.format_exception(err)))
+        run.log_artifact(trial_dir / "error.txt")
+        fail(reason)
+        _free_accelerator_memory()
+        return "FAIL"
+    seconds = time.perf_counter() - started
+    run.log_metrics(metrics)
+    timing = {
+        k: float(metrics[k]) for k in ("train_seconds", "eval_seconds", "generated_tokens") if k in metrics
+    }
+    for key, value in {**timing, "seconds": seconds}.items():
+        storage.set_trial_user_attr(trial._trial_id, key, value)
+    study.tell(trial, values)
+    run.finish("COMPLETE")
+    shown = ", ".join(f"{o.metric}={v:.4g}" for o, v in zip(spec.search.objectives, values, strict=True))
+    progress.trial_end(number, variant, "COMPLETE", seconds, shown)
+    return "COMPLETE"
+
+
+def _free_accelerator_memory() -> None:
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _worker_loop(args: _WorkerArgs, progress: StudyProgress) -> int:
+    """Claim and run trials until none is left; return how many ran."""
+    from harness.plan import suggest_point
+
+    spec = args.spec
+    study = load_study(spec, args.storage_url, create=False, worker=args.worker)
+    points = _fixed_points(spec)
+    ran = 0
+    while True:
+        trial = _claim_waiting(study)
+        if trial is not None:
+            study._storage.set_trial_user_attr(trial._trial_id, "owner", _owner_record())
+            key = trial.user_attrs.get("point_key")
+            point = points.get(key)
+            if point is None:
+                study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", f"unknown point {key!r}")
+                study.tell(trial, state=_fail_state())
+                continue
+        elif _search_budget_left(study, spec, args.started_at):
+            trial = study.ask()
+            study._storage.set_trial_user_attr(trial._trial_id, "owner", _owner_record())
+            point = suggest_point(trial, spec)
+        else:
+            return ran
+        _run_one(study, trial, point, args, progress)
+        ran += 1
+        progress.study_advance(_finished_count(study))
+
+
+def _fail_state():
+    from optuna.trial import TrialState
+
+    return TrialState.FAIL
+
+
+def _finished_count(study: optuna.Study) -> int:
+    from optuna.trial import TrialState
+
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    fixed_done = {
+        t.user_attrs.get("point_key")
+        for t in study.get_trials(deepcopy=False, states=done)
+        if t.user_attrs.get("fixed")
+    }
+    searched = sum(1 for t in study.get_trials(deepcopy=False, states=done) if not t.user_attrs.get("fixed"))
+    return len(fixed_done) + searched
+
+
+def _interrupt_once() -> None:
+    """SIGINT/SIGTERM -> one KeyboardInterrupt; later signals are ignored while the trial is marked."""
+    fired = {"done": False}
+
+    def handler(signum, frame):  # noqa: ARG001
+        if fired["done"]:
+            return
+        fired["done"] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _worker_main(args: _WorkerArgs) -> None:
+    """Entry of a spawned worker process. Exit codes: 0 done, 130 interrupted, 2 user error, 1 crash."""
+    _interrupt_once()
+    if args.n_workers > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        _pin_gpu(args.worker)
+    progress = LineProgress(prefix=f"[worker {args.worker}] ")
+    try:
+        _worker_loop(args, progress)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except HarnessError as err:
+        print(f"[worker {args.worker}] error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _pin_gpu(worker: int) -> None:
+    """One trial per GPU: worker i sees GPU i mod n (CUDA is not initialised yet in a fresh process)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(worker % count)
+
+
+# --------------------------------------------------------------------------------------------------
+# The study
+
+
+def _default_progress() -> StudyProgress:
+    return RichProgress() if sys.stderr.isatty() else LineProgress()
+
+
+def _run_workers(args: _WorkerArgs, n: int, study: optuna.Study, total: int, progress: StudyProgress) -> bool:
+    """Spawn ``n`` worker processes on the shared storage; return True when interrupted."""
+    context = multiprocessing.get_context("spawn")
+    procs = []
+    for i in range(n):
+        worker_args = _WorkerArgs(**{**args.__dict__, "worker": i, "n_workers": n})
+        proc = context.Process(target=_worker_main, args=(worker_args,), name=f"harness-worker-{i}")
+        proc.start()
+        procs.append(proc)
+    interrupted = False
+    try:
+        while any(p.is_alive() for p in procs):
+            progress.study_advance(_finished_count(study), total)
+            for p in procs:
+                p.join(timeout=2.0 / n)
+    except KeyboardInterrupt:
+        interrupted = True
+        for p in procs:  # a terminal's Ctrl-C reached them already; a `kill -INT <parent>` did not
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGINT)
+        for p in procs:
+            p.join(timeout=120)
+    codes = [p.exitcode for p in procs]
+    if any(c == 130 for c in codes):
+        interrupted = True
+    if any(c == 2 for c in codes):
+        raise HarnessError("a worker stopped on a user error (see its message above)")
+    crashed = [i for i, c in enumerate(codes) if c not in (0, 130)]
+    if crashed and not interrupted:
+        progress.message(f"workers {crashed} exited abnormally (codes {[codes[i] for i in crashed]})")
+    return interrupted
+
+
+def run_study(
+    spec: StudySpec,
+    *,
+    output_dir: str | Path | None = None,
+    workers: int = 1,
+    storage: str | None = None,
+    dry_run: bool = False,
+    trial_fn: TrialFn | None = None,
+    progress: StudyProgress | None = None,
+) -> StudySummary:
+    """Create or resume the study and run every trial left; see the module docstring.
+
+    ``trial_fn(point, spec, ctx) -> metrics`` defaults to ``harness.trial.run_trial``; with ``workers > 1``
+    it must be importable by name (a module-level function), since workers are spawned processes.
+    Raises KeyboardInterrupt after marking the running trial(s) when interrupted (the CLI exits 130).
+    """
+    from optuna.trial import TrialState
+
+    from harness.plan import describe_plan
+    from harness.tracking import finish_study, init_tracking
+
+    if workers < 1:
+        raise HarnessError(f"--workers must be >= 1 (got {workers})")
+    spec = spec.with_overrides(output_dir=output_dir, storage=storage)
+    if dry_run:
+        return StudySummary(
+            spec.name, spec.storage_url, str(spec.output_path), dry_run=True, plan=describe_plan(spec)
+        )
+    started_wall = time.time()
+    t0 = time.perf_counter()
+    spec.output_path.mkdir(parents=True, exist_ok=True)
+    url = resolve_storage(spec, workers)
+    study = load_study(spec, url, create=True)
+    tracking = init_tracking(spec, parent_run_id=study.user_attrs.get("mlflow_parent_run_id"))
+    study.set_user_attr("mlflow_parent_run_id", tracking.parent_run_id)
+    points = _fixed_points(spec)
+    repaired = reconcile(study, spec, points, tracking.tracking_uri)
+    total = len(points) + (spec.search.n_trials or 0)
+    progress = progress or _default_progress()
+    if repaired["interrupted"] or repaired["dropped"]:
+        progress.message(
+            f"resumed: {repaired['interrupted']} interrupted trial(s) marked FAIL, "
+            f"{repaired['enqueued']} point(s) queued again"
+        )
+    progress.study_start(total, _finished_count(study))
+    args = _WorkerArgs(spec, url, tracking, trial_fn, 0, workers, started_wall)
+    interrupted = False
+    previous = _install_sigterm()
+    try:
+        if workers == 1:
+            _worker_loop(args, progress)
+        else:
+            interrupted = _run_workers(args, workers, study, total, progress)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        progress.study_advance(_finished_count(study), total)
+        progress.close()
+    wall = time.perf_counter() - t0
+    trials = study.get_trials(deepcopy=False)
+    mine = [
+        t
+        for t in trials
+        if t.datetime_complete is not None and t.datetime_complete.timestamp() >= started_wall
+    ]
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    train = sum(float(t.user_attrs.get("train_seconds", 0.0)) for t in mine)
+    evaluation = sum(float(t.user_attrs.get("eval_seconds", 0.0)) for t in mine)
+    summary = StudySummary(
+        study=spec.name,
+        storage=url,
+        output_dir=str(spec.output_path),
+        total_points=total,
+        states=states,
+        ran=len(mine),
+        wall_seconds=wall,
+        train_seconds=train,
+        eval_seconds=evaluation,
+        overhead_share=(1 - (train + evaluation) / wall) if workers == 1 and wall > 0 and mine else None,
+        interrupted=interrupted,
+    )
+    finish_study(
+        tracking,
+        "KILLED" if interrupted else "FINISHED",
+        {
+            "ran": summary.ran,
+            "wall_seconds": wall,
+            "train_seconds": train,
+            "eval_seconds": evaluation,
+            **{f"n_{k.lower()}": v for k, v in states.items()},
+        },
+    )
+    if interrupted:
+        raise KeyboardInterrupt
+    _ = TrialState
+    return summary
+
+
+def _install_sigterm():
+    """SIGTERM (a scheduler's preemption) behaves like Ctrl-C: the running trial is marked, then exit."""
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan and status
+
+
+def format_plan(plan: Mapping[str, Any]) -> str:
+    """``harness.plan.describe_plan``'s dict as the few lines ``--dry-run`` prints."""
+    tokens = plan["generated_tokens"]
+    searched = f" + {plan['searched_trials']} searched" if plan["searched_trials"] else ""
+    lines = [
+        f"study {plan['study']}: {plan['model']}, sampler {plan['sampler']}",
+        f"  variants ({plan['n_variants']}): {', '.join(plan['variants'])}",
+        f"  seeds: {', '.join(map(str, plan['seeds']))}",
+        f"  trials: {plan['n_trials']} ({plan['fixed_trials']} fixed{searched})"
+        + (f", timeout {plan['timeout_s']:.0f}s" if plan.get("timeout_s") else ""),
+        f"  train: {', '.join(plan['train_benchmarks']) or '-'} ({plan['train_examples_per_variant']} examples per variant)",
+        f"  evaluate: {', '.join(plan['eval_benchmarks'])} ({plan['eval_examples_per_trial']} examples per trial)",
+        f"  objectives: {', '.join(plan['objectives'])}",
+    ]
+    if plan["search_space"]:
+        lines.append(f"  search space: {', '.join(plan['search_space'])}")
+    lines += [
+        f"  generated tokens: ~{tokens['estimate']:,} (at most {tokens['upper_bound']:,})",
+        f"  estimated GPU hours (7B reference): {plan['gpu_hours_7b']}",
+        f"    assuming {plan['assumptions']}",
+        f"  output: {plan['output_dir']}",
+    ]
+    return "\n".join(lines)
+
+
+def status(spec: StudySpec, *, storage: str | None = None) -> dict[str, Any]:
+    """The study's trials as plain data: ``{"study", "storage", "trials": [{number, state, params, values,
+    mlflow_run_id, variant, duration_seconds, fail_reason}]}`` (``harness status --json`` prints it)."""
+    url, trials = study_trials(spec, storage=storage)
+    rows = []
+    for t in trials:
+        attrs = t.user_attrs
+        duration = (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start
+            else None
+        )
+        params = dict(t.params) if t.params else dict(attrs.get("params", {}))
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "variant": attrs.get("variant"),
+                "seed": attrs.get("seed"),
+                "params": params,
+                "values": list(t.values) if t.values is not None else None,
+                "mlflow_run_id": attrs.get("mlflow_run_id"),
+                "duration_seconds": duration,
+                "fail_reason": attrs.get("fail_reason"),
+            }
+        )
+    return {
+        "study": spec.name,
+        "storage": url,
+        "objectives": [o.metric for o in spec.search.objectives],
+        "trials": rows,
+    }

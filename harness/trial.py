@@ -1,0 +1,330 @@
+"""One trial end to end: load the model, train the variant, evaluate it, return its metrics.
+
+Why a function of (point, spec, ctx) and nothing else: the study runner owns Optuna and the worker
+processes; a trial only needs what to train (the plan's point), how (the spec) and where to put things
+(the context). What it writes, in ``ctx.trial_dir`` (``<output_dir>/trials/<number>/``):
+``variant.json`` (the resolved variant and training configs), ``history.json`` (per-step training
+metrics), ``eval/`` (per-sample logs of the evaluation). The same files go to the trial's MLflow run.
+
+Shared per study, under ``ctx.cache_dir`` (``<output_dir>/cache``): the trainer's caches (teacher
+contexts, retrieval embeddings, negative demonstrations), the evaluation's caches (base samples for
+retention), and ``base_eval/``: the base model's evaluation, computed once and reused by every ``base``
+point (e.g. one per seed). Shared per process: one untouched copy of the base model, the retention
+reference for every trial and the starting point that each trained variant copies.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harness.progress import StudyProgress
+
+if TYPE_CHECKING:
+    from harness.spec import StudySpec
+    from harness.tracking import TrialRun
+
+__all__ = ["TrialContext", "run_trial"]
+
+# Dev-set evaluations that feed the pruner, per trial (at evenly spaced optimizer steps).
+PRUNING_REPORTS = 4
+
+
+@dataclass
+class TrialContext:
+    """Where a trial writes and whom it tells. ``run`` and ``optuna_trial`` may be None (plain use)."""
+
+    number: int
+    output_dir: Path
+    trial_dir: Path
+    cache_dir: Path
+    run: TrialRun | None = None
+    progress: StudyProgress = field(default_factory=StudyProgress)
+    optuna_trial: Any = None  # set when the study prunes: run_trial reports the dev metric to it
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-process shared state
+
+
+_BASE: dict[tuple, tuple[Any, Any]] = {}
+_TRAIN_EXAMPLES: dict[tuple, list] = {}
+
+
+def _base_model(spec: StudySpec):
+    """The untouched base model and tokenizer, loaded once per process."""
+    from harness.models import load_model
+
+    key = (spec.model.ref, spec.model.device, spec.model.dtype)
+    if key not in _BASE:
+        _BASE.clear()  # one base model per process, whatever the study
+        _BASE[key] = load_model(spec.model.ref, device=spec.model.device, dtype=spec.model.dtype)
+    return _BASE[key]
+
+
+def _train_examples(spec: StudySpec) -> list:
+    """The spec's training examples as the trainer's records (same list for every trial of the study)."""
+    from harness.data import load_benchmark
+    from unisd_components.trainer import TrainingExample
+
+    key = (tuple(spec.data.train), spec.data.train_size, spec.data.split_seed, spec.data.data_dir)
+    if key not in _TRAIN_EXAMPLES:
+        examples = []
+        for name in spec.data.train:
+            for ex in load_benchmark(
+                name,
+                "train",
+                data_dir=spec.data.data_dir,
+                limit=spec.data.train_size,
+                seed=spec.data.split_seed,
+            ):
+                examples.append(
+                    TrainingExample(
+                        id=ex.id,
+                        messages=[dict(m) for m in ex.messages],
+                        demonstration=ex.demonstration,
+                        kind=ex.kind,
+                        choices=tuple(ex.choices),
+                        answer=ex.answer,
+                    )
+                )
+        _TRAIN_EXAMPLES.clear()
+        _TRAIN_EXAMPLES[key] = examples
+    return _TRAIN_EXAMPLES[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _evaluate(
+    model, tokenizer, spec: StudySpec, ctx: TrialContext, base_model
+) -> tuple[dict[str, float], float]:
+    from harness.evaluation import evaluate_model
+
+    ev = spec.evaluation
+    result = evaluate_model(
+        model,
+        tokenizer,
+        ev.benchmarks,
+        split=ev.split,
+        limit=ev.limit,
+        batch_size=ev.batch_size,
+        output_dir=ctx.trial_dir / "eval",
+        data_dir=spec.data.data_dir,
+        seed=spec.data.split_seed,
+        scoring=ev.scoring,
+        max_gen_tokens=ev.max_gen_tokens,
+        base_model=base_model,
+        ppl_fit=ev.ppl_fit,
+        retention=ev.retention,
+        cache_dir=ctx.cache_dir / "eval",
+    )
+    if ctx.run is not None:
+        ctx.run.log_artifact(ctx.trial_dir / "eval", "eval")
+    return dict(result.metrics), float(result.seconds)
+
+
+def _base_eval_key(spec: StudySpec) -> str:
+    payload = {
+        "model": spec.model.model_dump(mode="json"),
+        "evaluation": spec.evaluation.model_dump(mode="json"),
+        "data_dir": spec.data.data_dir,
+        "split_seed": spec.data.split_seed,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _evaluate_base(spec: StudySpec, ctx: TrialContext) -> tuple[dict[str, float], float]:
+    """The base model's scores, computed once per study and evaluation settings, then reused."""
+    cache = ctx.cache_dir / "base_eval" / f"{_base_eval_key(spec)}.json"
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        ctx.progress.trial_phase(f"base evaluation reused from trial {cached['trial']}")
+        if ctx.run is not None:
+            ctx.run.set_tags({"base_eval_reused_from": cached["trial"]})
+        return dict(cached["metrics"]), 0.0
+    model, tokenizer = _base_model(spec)
+    ctx.progress.trial_phase("evaluating")
+    metrics, seconds = _evaluate(model, tokenizer, spec, ctx, model if spec.evaluation.retention else None)
+    _write_json_atomic(cache, {"trial": ctx.number, "metrics": metrics, "seconds": seconds})
+    return metrics, seconds
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def _planned_steps(training, n_examples: int) -> int:
+    if training.max_steps is not None:
+        return training.max_steps
+    per_step = training.batch_size * training.grad_accum
+    return max(1, int(-(-n_examples * training.epochs // per_step)))
+
+
+class _StepCallback:
+    """The trainer's per-step callback: MLflow curve, progress, and (when pruning) dev-set reports."""
+
+    def __init__(self, spec: StudySpec, ctx: TrialContext, model, tokenizer, total_steps: int) -> None:
+        self.spec, self.ctx, self.model, self.tokenizer = spec, ctx, model, tokenizer
+        self.history: list[dict[str, float]] = []
+        every = max(1, total_steps // PRUNING_REPORTS)
+        self.report_at = set(range(every, total_steps + 1, every)) if ctx.optuna_trial is not None else set()
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        self.history.append({"step": step, **metrics})
+        if self.ctx.run is not None:
+            self.ctx.run.log_step(step, metrics)
+        self.ctx.progress.trial_step(step, metrics)
+        if step in self.report_at:
+            self._report_dev(step)
+
+    def _report_dev(self, step: int) -> None:
+        import optuna
+
+        from harness.evaluation import evaluate_model
+
+        metric = _dev_metric(self.spec)
+        was_training, side = self.model.training, self.tokenizer.padding_side
+        self.model.eval()
+        try:
+            self.ctx.progress.trial_phase(f"dev evaluation at step {step}")
+            result = evaluate_model(
+                self.model,
+                self.tokenizer,
+                list(self.spec.data.train),
+                split="validation",
+                limit=self.spec.data.dev_size,
+                batch_size=self.spec.evaluation.batch_size,
+                output_dir=self.ctx.trial_dir / "dev" / str(step),
+                data_dir=self.spec.data.data_dir,
+                seed=self.spec.data.split_seed,
+                scoring=self.spec.evaluation.scoring,
+                max_gen_tokens=self.spec.evaluation.max_gen_tokens,
+                ppl_fit=metric == "ppl_fit",
+                retention=False,
+            )
+        finally:
+            self.model.train(was_training)
+            self.tokenizer.padding_side = side
+        value = float(result.metrics[metric])
+        if self.ctx.run is not None:
+            self.ctx.run.log_metrics({f"dev.{metric}": value}, step=step)
+        trial = self.ctx.optuna_trial
+        trial.report(value, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step}: dev {metric} = {value:.4g}")
+
+
+def _dev_metric(spec: StudySpec) -> str:
+    """The objective when the dev benchmarks (the training ones) can measure it, else their mean accuracy."""
+    metric = spec.search.objectives[0].metric
+    bench = metric.split(".", 1)[0]
+    if metric in ("mean.acc", "ppl_fit") or bench in spec.data.train:
+        return metric
+    return "mean.acc"
+
+
+def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float]:
+    """Train and evaluate one point of the plan; return its metrics (see the module docstring).
+
+    Metrics: the evaluation's (``<bench>.acc``, ``mean.acc``, ``ppl_fit``, ``ppl_ret`` ...) plus
+    ``train_seconds``, ``eval_seconds``, ``generated_tokens`` and ``train_steps``. Raises whatever
+    training raises (``NonFiniteLossError``, out of memory): the runner records the trial as failed.
+    """
+    from harness.plan import point_training, point_variant
+
+    ctx.trial_dir.mkdir(parents=True, exist_ok=True)
+    variant = point_variant(point)  # None: the untrained base model
+    training = point_training(point, spec)
+    config = {
+        "variant": None if variant is None else variant.model_dump(mode="json"),
+        "variant_name": "base" if variant is None else variant.name,
+        "training": training.model_dump(mode="json"),
+        "model": spec.model.model_dump(mode="json"),
+    }
+    _write_json_atomic(ctx.trial_dir / "variant.json", config)
+    if ctx.run is not None:
+        ctx.run.log_artifact(ctx.trial_dir / "variant.json")
+    if variant is None:
+        ctx.progress.trial_phase("loading base model")
+        metrics, eval_seconds = _evaluate_base(spec, ctx)
+        return {
+            **metrics,
+            "train_seconds": 0.0,
+            "eval_seconds": eval_seconds,
+            "generated_tokens": 0,
+            "train_steps": 0,
+        }
+
+    from unisd_components.trainer import train_variant
+
+    ctx.progress.trial_phase("loading model")
+    base, tokenizer = _base_model(spec)
+    model = copy.deepcopy(base)
+    if spec.model.lora.enabled:
+        from unisd_components.lora import apply_lora
+
+        lora = spec.model.lora
+        model = apply_lora(model, lora.r, lora.alpha, lora.target_modules)
+    examples = _train_examples(spec)
+    total = _planned_steps(training, len(examples))
+    ctx.progress.trial_steps(total)
+    callback = _StepCallback(spec, ctx, model, tokenizer, total)
+    start = time.perf_counter()
+    try:
+        result = train_variant(
+            model,
+            tokenizer,
+            examples,
+            variant,
+            training,
+            cache_dir=ctx.cache_dir / "train",
+            callback=callback,
+        )
+    finally:
+        _write_json_atomic(ctx.trial_dir / "history.json", callback.history)
+        if ctx.run is not None:
+            ctx.run.log_artifact(ctx.trial_dir / "history.json")
+    train_wall = time.perf_counter() - start
+    model.eval()
+    ctx.progress.trial_phase("evaluating")
+    metrics, eval_seconds = _evaluate(
+        model, tokenizer, spec, ctx, base if spec.evaluation.retention else None
+    )
+    phases = {f"phase_seconds.{k}": float(v) for k, v in result.phase_seconds.items()}
+    del model
+    return {
+        **metrics,
+        **phases,
+        # the trainer's own clock, plus the dev evaluations pruning needed (they are training time too)
+        "train_seconds": max(float(result.train_seconds), train_wall),
+        "eval_seconds": eval_seconds,
+        "generated_tokens": int(result.generated_tokens),
+        "train_steps": int(result.steps),
+    }
+
+
+def reset_process_state() -> None:
+    """Forget the cached base model and examples (tests; a study with another model)."""
+    _BASE.clear()
+    _TRAIN_EXAMPLES.clear()
+
+
+_ = Mapping
