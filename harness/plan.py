@@ -134,6 +134,10 @@ def _raw_params(kind: _Kind, spec: StudySpec) -> tuple[dict[str, Any], dict[str,
     raw: dict[str, Any] = {}
     defaults: dict[str, Any] = {}
     if kind.method == "base":
+        # Not trained, so nothing varies; its training config still records the study's settings.
+        for key, value in section_values(spec.training).items():
+            default = TrainingConfig.model_fields[key].default
+            raw[f"training.{key}"] = _space_default(value, default) if is_space(value) else value
         return raw, defaults
     method = spec.method
     if kind.method == "sdft":
@@ -213,7 +217,8 @@ def _build(kind: _Kind, values: Mapping[str, Any], seed: int, grid: Mapping[str,
             training = training_for_preset(kind.preset, training)
     params: dict[str, Any] = {f"comp.{c}": c in kind.components for c in COMPONENT_NAMES}
     params["method"] = kind.method
-    params.update(values)
+    if kind.method != "base":  # the base model's params would be settings it never used
+        params.update(values)
     if kind.preset:
         params["training.batch_size"] = training.batch_size
     return TrialPoint(
