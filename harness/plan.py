@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TrialPoint",
     "describe_plan",
+    "format_plan",
     "grid_points",
     "point_key",
     "point_summary",
@@ -456,3 +457,36 @@ def describe_plan(spec: StudySpec) -> dict[str, Any]:
         "storage": spec.storage_url,
         "tracking_uri": spec.tracking_uri,
     }
+
+
+def format_plan(plan: Mapping[str, Any]) -> str:
+    """:func:`describe_plan`'s dict as the few lines ``--dry-run`` prints."""
+    variants = plan["variants"]
+    shown = ", ".join(variants[:10]) + (f", ... ({len(variants) - 10} more)" if len(variants) > 10 else "")
+    if plan["sampler"] == "grid":
+        axes = "" if plan["n_trials"] == len(variants) * len(plan["seeds"]) else " x hyperparameter axes"
+        trials = f"{plan['n_trials']} ({len(variants)} variants x {len(plan['seeds'])} seed(s){axes}, grid)"
+    else:
+        budget = (
+            f"{plan['searched_trials']} searched" if plan["searched_trials"] else "searched until timeout"
+        )
+        trials = f"{plan['fixed_trials']} fixed (baselines) + {budget} ({plan['sampler']})"
+    tokens = plan["generated_tokens"]
+    lines = [
+        f"study {plan['study']}: {plan['model']}",
+        f"  variants   {len(variants)}: {shown}",
+        f"  trials     {trials}",
+        f"  train      {', '.join(plan['train_benchmarks']) or '-'} "
+        f"({plan['train_examples_per_variant']} examples per variant)",
+        f"  evaluate   {', '.join(plan['eval_benchmarks'])} ({plan['eval_examples_per_trial']} examples per trial)",
+        f"  seeds      {', '.join(map(str, plan['seeds']))}",
+        f"  objectives {', '.join(plan['objectives'])}",
+    ]
+    if plan["search_space"]:
+        lines.append(f"  searching  {', '.join(plan['search_space'])}")
+    lines += [
+        f"  generated tokens ~{tokens['estimate']:,} (at most {tokens['upper_bound']:,})",
+        f"  GPU hours (7B model) ~{plan['gpu_hours_7b']:,}  [{plan['assumptions']}]",
+        f"  output     {plan['output_dir']}  (optuna {plan['storage']}; mlflow {plan['tracking_uri']})",
+    ]
+    return "\n".join(lines)

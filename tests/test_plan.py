@@ -11,6 +11,7 @@ import pytest
 
 from harness.plan import (
     describe_plan,
+    format_plan,
     grid_points,
     point_key,
     point_summary,
@@ -197,3 +198,11 @@ def test_base_point_records_the_study_training_but_no_hyperparameters(tmp_path):
     assert base[0].training.max_steps == 2 and base[0].training.learning_rate == 1e-4
     assert not any(k.startswith("training.") for k in base[0].params)
     assert len([p for p in points if p.name == "sft"]) == 4
+
+
+def test_format_plan_states_trials_and_gpu_hours():
+    text = format_plan(describe_plan(load_spec(REPO / "studies" / "full_ablation.yaml")))
+    assert "trials     108 (36 variants x 3 seed(s), grid)" in text
+    assert "GPU hours (7B model) ~" in text
+    text = format_plan(describe_plan(load_spec(REPO / "studies" / "unisd_full_search.yaml")))
+    assert "1 fixed (baselines) + 60 searched (tpe)" in text and "agreement.gamma" in text
