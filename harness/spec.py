@@ -777,6 +777,8 @@ def _format_first_error(err: ValidationError, locs: LocationMap) -> str:
         valid = _keys_at(parent)
         close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+        if parent == ("training",) and key == "seed":
+            hint = "seeds are the top-level list `seeds: [0, 1, 2]`"
         message = f"unknown key ({hint})"
     else:
         message = _describe_error(error)

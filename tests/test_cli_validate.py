@@ -298,3 +298,11 @@ def test_schema_to_stdout_and_file(capsys, tmp_path):
     target = tmp_path / "schema.json"
     code, out, _ = _run(capsys, "schema", "-o", str(target))
     assert code == 0 and json.loads(target.read_text()) == schema
+
+
+def test_training_seed_points_to_the_seeds_list(capsys, tmp_path):
+    path = _write(tmp_path, VALID.replace("  max_steps: 1", "  max_steps: 1\n  seed: 3"))
+    assert (
+        _fails(capsys, path)
+        == f"{path}:14: training.seed: unknown key (seeds are the top-level list `seeds: [0, 1, 2]`)"
+    )
