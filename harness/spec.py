@@ -27,6 +27,7 @@ import functools
 import re
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -71,6 +72,7 @@ __all__ = [
     "IntSpace",
     "StudySpec",
     "is_space",
+    "fixed_spec_data",
     "load_spec",
     "spec_json_schema",
 ]
@@ -869,3 +871,48 @@ def spec_json_schema() -> dict[str, Any]:
 def dump_spec(spec: StudySpec) -> dict[str, Any]:
     """The spec as plain data (YAML/JSON-ready), spaces included, defaults filled in."""
     return spec.model_dump(mode="json")
+
+
+def fixed_spec_data(spec: StudySpec, params: Mapping[str, Any], *, name: str | None = None) -> dict[str, Any]:
+    """A search study pinned to one trial's parameters, as plain data ready to write as a study YAML.
+
+    Why: a search ends with its best configuration written as a spec that a user can rerun (with more
+    seeds) or hand to the ablation. ``params`` are Optuna's parameter names (``agreement.gamma``,
+    ``training.learning_rate``, ``variant`` when several variants competed). The result is a grid study
+    over the chosen variant (plus the study's baselines), validated before it is returned.
+    """
+    data = spec.model_dump(mode="json", exclude_defaults=True)
+    method = data.setdefault("method", {})
+    chosen = params.get("variant")
+    if chosen is None:
+        candidates = [s for s in spec.method.subset_list() if s or "sdft" not in spec.method.baselines]
+        chosen = spec.method.presets[0] if spec.method.presets else "unisd[" + "+".join(candidates[0]) + "]"
+    if chosen in PRESET_COMPONENTS:
+        method["presets"], method["subsets"], enabled = [chosen], [], set(PRESET_COMPONENTS[chosen])
+    else:
+        subset = chosen.removeprefix("unisd[").removesuffix("]").split("+") if chosen != "sdft" else []
+        method["presets"], method["subsets"], enabled = [], [subset], set(subset)
+    method.pop("components", None)
+    for component in COMPONENT_NAMES:
+        if component not in enabled:
+            method.pop(component, None)
+    for key, value in params.items():
+        if key == "variant":
+            continue
+        *parents, leaf = _space_path(key)
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    data["name"] = name or f"{spec.name}_best"
+    data.pop("output_dir", None)
+    data.pop("storage", None)
+    data.pop("tracking", None)
+    data["search"] = {"sampler": "grid", "objectives": data.get("search", {}).get("objectives", [])}
+    if not data["search"]["objectives"]:
+        data["search"].pop("objectives")
+    try:
+        StudySpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(f"pinned spec {data['name']}: {_format_first_error(err, LocationMap())}") from None
+    return data

@@ -197,3 +197,41 @@ def test_json_schema_describes_spaces():
     text = str(beta)
     assert "FloatSpace" in text and "ChoiceSpace" in text
     assert "exclusiveMaximum" in text  # the field's own bound (< 1) is in the schema
+
+
+def test_fixed_spec_data_pins_a_search_trial(tmp_path):
+    import optuna
+    import yaml
+
+    from harness.plan import grid_points, suggest_point
+    from harness.spec import fixed_spec_data
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "studies" / "unisd_full_search.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    trial = study.ask()
+    point = suggest_point(trial, spec)
+    data = fixed_spec_data(spec, trial.params)
+    path = tmp_path / "best.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    pinned = load_spec(path)
+    assert pinned.name == "unisd_full_search_best" and pinned.search.sampler == "grid"
+    assert pinned.spaces() == {}
+    points = [p for p in grid_points(pinned) if p.name == "unisd_star"]
+    assert len(points) == 1
+    assert points[0].variant == point.variant
+    assert points[0].training.learning_rate == point.training.learning_rate
+
+
+def test_fixed_spec_data_with_a_chosen_subset(tmp_path):
+    from harness.plan import grid_points
+    from harness.spec import fixed_spec_data
+
+    text = PARENT.replace("[[ema], agreement+ema]", "[[ema], agreement+ema, [clipping]]").replace(
+        "ema: {beta: 0.5, sync_steps: 3}", "ema: {beta: {type: float, low: 0.5, high: 0.9}}"
+    )
+    spec = load_spec(_write(tmp_path, text + "search: {sampler: tpe, n_trials: 3}\n", "s.yaml"))
+    data = fixed_spec_data(spec, {"variant": "unisd[agreement+ema]", "ema.beta": 0.6}, name="pinned")
+    pinned = StudySpec.model_validate(data)
+    names = [p.name for p in grid_points(pinned) if p.seed == 0]
+    assert names == ["base", "sft", "unisd[agreement+ema]"]
+    assert grid_points(pinned)[-1].variant.ema.beta == 0.6
