@@ -179,6 +179,27 @@ def test_grandchild_that_leaves_the_process_group_does_not_survive():
     assert not alive(int(result.stdout.split()[0]))
 
 
+def test_cpu_limit_signal_counts_as_timeout():
+    # SIGXCPU is what the kernel sends when the CPU-time limit is hit before the wall-clock one.
+    result = run("import signal\nsignal.raise_signal(signal.SIGXCPU)\nprint('survived')")
+    assert result.status == "timeout" and "survived" not in result.stdout
+
+
+def test_crash_by_signal_is_error():
+    result = run("import ctypes\nctypes.string_at(0)")
+    assert result.status == "error" and result.returncode < 0
+
+
+@isolated_only
+def test_fork_bomb_does_not_starve_programs_running_beside_it():
+    # Each run has its own uid, so one program's process limit is not the others'.
+    bomb = "import posix, time\nwhile True:\n    try:\n        posix.fork()\n    except OSError:\n        time.sleep(0.01)"
+    ok = "import threading, time\ntime.sleep(1)\nt = threading.Thread(target=print)\nt.start()\nt.join()\nassert 6 * 7 == 42"
+    results = run_programs([bomb, ok, ok, ok], timeout=3, workers=4)
+    assert [r.status for r in results[1:]] == ["passed"] * 3, results[1:]
+    assert not results[0].passed
+
+
 # --- harm outside the working directory ----------------------------------------------------------------
 
 

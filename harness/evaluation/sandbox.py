@@ -23,7 +23,8 @@ process left under the run's uid, so a grandchild that left the process group wi
 survive either, and deletes what that uid left in /tmp, /var/tmp and /dev/shm. Without root (no uid
 switch) the limits and the group kill still hold, but a deliberately hostile program can touch whatever
 the harness's own user can: run the harness as root in a container when the code comes from an
-untrusted model.
+untrusted model. Without root the process limit also counts every process and thread of the user, so a
+program cannot start any thread once the user runs 32 (the safe side: benchmark solutions need none).
 
 A program passes only if it runs to its last statement and exits 0. Leaving early with ``sys.exit``,
 ``exit()``, ``quit()`` or ``os._exit`` counts as failed whatever the exit code, because a completion that
