@@ -131,7 +131,64 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    raise HarnessError("harness eval is not implemented yet")
+    import re
+    import time
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness.data import BENCHMARKS
+    from harness.evaluation.lmeval import PRIMARY, evaluate_model, task_name
+
+    benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    if not benchmarks:
+        raise HarnessError(f"--benchmarks is empty; valid benchmarks: {', '.join(sorted(BENCHMARKS))}")
+    for name in benchmarks:
+        task_name(name, args.scoring)  # unknown names fail here, before the model loads
+    if args.limit is not None and args.limit < 1:
+        raise HarnessError(f"--limit must be >= 1 (got {args.limit})")
+    if args.batch_size < 1:
+        raise HarnessError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", args.model).strip("-")
+    output = Path(args.output) if args.output else Path("runs") / "eval" / slug
+
+    from harness.models import load_model
+
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    console.print(f"[bold]harness eval[/bold] {args.model} on {', '.join(benchmarks)} (limit {args.limit})")
+    model, tokenizer = load_model(args.model, device=args.device)
+    result = evaluate_model(
+        model,
+        tokenizer,
+        benchmarks,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        output_dir=output,
+        data_dir=args.data_dir,
+        scoring=args.scoring,
+    )
+    wall = time.perf_counter() - start
+
+    table = Table(title=f"{args.model} ({args.scoring})")
+    table.add_column("benchmark")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("n", justify="right")
+    m = result.metrics
+    for name in benchmarks:
+        metric = PRIMARY[BENCHMARKS[name].kind]
+        n = m.get(f"{name}.n")
+        table.add_row(name, metric, f"{m[f'{name}.{metric}']:.3f}", f"{n:.0f}" if n is not None else "")
+    table.add_row("mean", "acc", f"{m['mean.acc']:.3f}", str(len(benchmarks)))
+    if "ppl_fit" in m:
+        table.add_row("all", "ppl_fit", f"{m['ppl_fit']:.2f}", "")
+    Console().print(table)
+    console.print(
+        f"wall time {wall:.1f} s (evaluation {result.seconds:.1f} s); metrics, samples in {output}/"
+    )
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -205,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_ui)
 
     p = sub.add_parser("eval", help="score one model on benchmarks, no training")
-    p.add_argument("--model", required=True, help="HF id, local dir, bundled:smollm2-135m-instruct, tiny-random:llama")
+    p.add_argument(
+        "--model", required=True, help="HF id, local dir, bundled:smollm2-135m-instruct, tiny-random:llama"
+    )
     p.add_argument("--benchmarks", required=True, help="comma-separated benchmark names")
     p.add_argument("--limit", type=int, default=None, help="examples per benchmark")
     p.add_argument("--output", help="output directory (samples, metrics)")

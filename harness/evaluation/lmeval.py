@@ -1,0 +1,268 @@
+"""Score an in-memory model with lm-eval on our tasks, then add PPL fit and retention.
+
+Why these choices (integration-notes.md, lm-eval section):
+
+- lm-eval refuses a raw transformers model: it is wrapped in ``HFLM(pretrained=model, tokenizer=...)``,
+  which takes the device from the model (no ``device`` argument: passing it twice raises).
+- Our tasks only: ``TaskManager(include_path=tasks/, include_defaults=False)``; their loaders read
+  ``limit`` / ``seed`` / ``data_dir`` / ``split`` from the task metadata, so the docs are the seeded subset
+  the rest of the harness uses (lm-eval's own ``limit`` would take the first N).
+- lm-eval's response cache is keyed on the request only, not the model: it lives in ``output_dir``
+  (one per variant), never in a shared place, or one variant would be scored on another's answers.
+- ``log_samples`` is set explicitly (the Python API defaults to True, the CLI to False); samples are
+  written as one JSONL file, ``samples.jsonl``.
+- Metric keys such as ``acc,none`` / ``pass_at_1,sandbox`` are normalised to ``scienceqa.acc`` /
+  ``mbpp.pass_at_1`` (MLflow rejects commas); ``mean.acc`` is the mean of the benchmarks' primary scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
+
+__all__ = ["SCORINGS", "EvalResult", "evaluate_model", "normalise_metrics", "task_name"]
+
+SCORINGS = ("generative", "loglikelihood")
+PRIMARY = {"multiple_choice": "acc", "code": "pass_at_1", "tool_call": "acc"}
+
+
+@dataclass
+class EvalResult:
+    """``metrics``: normalised name -> value; ``samples_path``: the per-sample JSONL (None if none)."""
+
+    metrics: dict[str, float]
+    samples_path: Path | None
+    seconds: float
+
+
+def task_name(benchmark: str, scoring: str = "generative") -> str:
+    """The lm-eval task of a benchmark: ``unisd_<b>``, or ``unisd_<b>_ll`` for log-likelihood MC."""
+    from harness.data import BENCHMARKS
+
+    if benchmark not in BENCHMARKS:
+        raise HarnessError(
+            f"unknown benchmark {benchmark!r}; valid benchmarks: {', '.join(sorted(BENCHMARKS))}"
+        )
+    if scoring not in SCORINGS:
+        raise HarnessError(f"unknown scoring {scoring!r}; use one of {', '.join(SCORINGS)}")
+    if scoring == "loglikelihood" and BENCHMARKS[benchmark].kind == "multiple_choice":
+        return f"unisd_{benchmark}_ll"
+    return f"unisd_{benchmark}"  # code and tool calls are generative whatever the scoring
+
+
+def normalise_metrics(results: dict[str, dict[str, Any]], tasks: dict[str, str]) -> dict[str, float]:
+    """lm-eval's ``results`` (task -> ``{"acc,none": ...}``) as ``{"<benchmark>.<metric>": value}``.
+
+    ``tasks`` maps task name -> benchmark. Standard errors and aliases are dropped; adds ``mean.acc``.
+    """
+    from harness.data import BENCHMARKS
+
+    metrics: dict[str, float] = {}
+    primaries = []
+    for task, benchmark in tasks.items():
+        for key, value in results.get(task, {}).items():
+            name = key.split(",")[0]
+            name = "n" if name == "sample_len" else name  # lm-eval's count of scored docs
+            if name == "alias" or name.endswith("_stderr") or not isinstance(value, int | float):
+                continue
+            metrics[f"{benchmark}.{name}"] = float(value)
+        primary = f"{benchmark}.{PRIMARY[BENCHMARKS[benchmark].kind]}"
+        if primary not in metrics:
+            raise RuntimeError(
+                f"lm-eval returned no {primary} for task {task}: {sorted(results.get(task, {}))}"
+            )
+        primaries.append(metrics[primary])
+    if primaries:
+        metrics["mean.acc"] = sum(primaries) / len(primaries)
+    return metrics
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+def _write_samples(path: Path, samples: dict[str, list[dict]], tasks: dict[str, str]) -> int:
+    """One line per (task, doc): ids, the rendered prompt, the raw and filtered responses, the scores."""
+    count = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for task, benchmark in tasks.items():
+            for sample in samples.get(task, []):
+                doc = sample["doc"]
+                arguments = sample.get("arguments") or [[""]]
+                line = {
+                    "benchmark": benchmark,
+                    "task": task,
+                    "id": doc["id"],
+                    "doc_id": sample["doc_id"],
+                    "prompt": arguments[0][0] if arguments and arguments[0] else "",
+                    "response": _jsonable(sample["resps"]),
+                    "filtered": _jsonable(sample["filtered_resps"]),
+                    "filter": sample.get("filter"),
+                    "target": _jsonable(sample.get("target")),
+                    "scores": {m: _jsonable(sample[m]) for m in sample.get("metrics", []) if m in sample},
+                }
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                count += 1
+    return count
+
+
+def _generated_completions(
+    samples: dict[str, list[dict]], tasks: dict[str, str], examples
+) -> list[str] | None:
+    """The evaluated model's greedy completions lm-eval already produced, in ``examples`` order.
+
+    None when any example has no generation (log-likelihood scoring): retention then generates its own.
+    Code answers get back the opening fence lm-eval prefilled, so the text is what the model "said".
+    """
+    from harness.evaluation.tasks._common import CODE_PREFIX
+
+    by_id: dict[str, str] = {}
+    for task in tasks:
+        for sample in samples.get(task, []):
+            resps = sample["resps"]
+            if not resps or not resps[0] or not isinstance(resps[0][0], str):
+                return None
+            prefix = CODE_PREFIX if sample["doc"]["kind"] == "code" else ""
+            by_id[sample["doc"]["id"]] = prefix + resps[0][0]
+    if any(ex.id not in by_id for ex in examples):
+        return None
+    return [by_id[ex.id] for ex in examples]
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    benchmarks: Sequence[str],
+    *,
+    split: str = "test",
+    limit: int | None,
+    batch_size: int,
+    output_dir: Path,
+    data_dir: str | Path | None = None,
+    seed: int = 0,
+    scoring: str = "generative",
+    max_gen_tokens: int = 256,
+    base_model=None,
+    ppl_fit: bool = True,
+    retention: bool = True,
+    cache_dir: Path | None = None,
+) -> EvalResult:
+    """Score ``model`` (already on its device, in eval mode) on ``benchmarks``.
+
+    Args:
+        model, tokenizer: The in-memory model and its tokenizer. The chat template is applied when the
+            tokenizer has one (instruct models), as in training.
+        benchmarks: Names of :data:`harness.data.BENCHMARKS`.
+        split, limit, seed, data_dir: Which docs: a seeded subset of ``limit`` examples of ``split``
+            per benchmark (``load_benchmark`` semantics).
+        batch_size: Generation / scoring batch size. Decoding is greedy.
+        output_dir: This variant's folder: ``samples.jsonl``, ``metrics.json`` and the lm-eval response
+            cache (``lm_eval_cache/``) go here. Never share it between variants.
+        scoring: ``generative`` (letter extraction, the paper's setting) or ``loglikelihood`` (option
+            texts; multiple-choice benchmarks only, the others stay generative).
+        max_gen_tokens: Generation budget of every generative task and of retention's completions.
+        base_model: The untrained model; when given (and ``retention``), adds ``ppl_ret``, ``ret_jsd``
+            and ``ppl_ret_reverse`` (base completions cached in ``cache_dir``).
+        ppl_fit: Add ``ppl_fit`` (gold-demonstration perplexity, token-weighted over all benchmarks).
+
+    Returns:
+        :class:`EvalResult` with metrics named ``<benchmark>.acc`` / ``<benchmark>.pass_at_1``,
+        ``mean.acc``, ``ppl_fit``, ``ppl_ret``, ``ret_jsd``, ``ppl_ret_reverse``.
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from harness.data import load_benchmark
+    from harness.evaluation import retention as retention_mod
+    from harness.evaluation.tasks import TASKS_DIR
+
+    start = time.perf_counter()
+    if not benchmarks:
+        raise HarnessError("no benchmarks to evaluate")
+    if len(set(benchmarks)) != len(benchmarks):
+        raise HarnessError(f"benchmarks listed twice: {', '.join(benchmarks)}")
+    tasks = {task_name(b, scoring): b for b in benchmarks}
+    if max_gen_tokens < 1:
+        raise HarnessError(f"max_gen_tokens must be >= 1 (got {max_gen_tokens})")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "lm_eval_cache").mkdir(exist_ok=True)
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_gen_toks=max_gen_tokens)
+    task_manager = TaskManager(
+        include_path=str(TASKS_DIR),
+        include_defaults=False,
+        metadata={
+            "limit": limit,
+            "seed": seed,
+            "split": split,
+            "data_dir": str(data_dir) if data_dir is not None else None,
+        },
+    )
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        task_manager=task_manager,
+        log_samples=True,
+        use_cache=str(output_dir / "lm_eval_cache" / "responses"),
+        apply_chat_template=chat,
+        gen_kwargs={"max_gen_toks": max_gen_tokens, "do_sample": False},
+        bootstrap_iters=0,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    metrics = normalise_metrics(results["results"], tasks)
+    samples = results.get("samples", {})
+    samples_path = output_dir / "samples.jsonl"
+    if _write_samples(samples_path, samples, tasks) == 0:
+        samples_path = None
+
+    if ppl_fit or (retention and base_model is not None):
+        examples = [
+            ex
+            for b in benchmarks
+            for ex in load_benchmark(b, split, data_dir=data_dir, limit=limit, seed=seed)
+        ]
+        if ppl_fit:
+            metrics["ppl_fit"] = retention_mod.ppl_fit(model, tokenizer, examples, batch_size=batch_size)
+        if retention and base_model is not None:
+            texts = _generated_completions(samples, tasks, examples)
+            completions = (
+                [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+                if texts is not None
+                else None
+            )
+            metrics.update(
+                retention_mod.retention(
+                    model,
+                    base_model,
+                    tokenizer,
+                    examples,
+                    max_new_tokens=max_gen_tokens,
+                    cache_dir=cache_dir,
+                    batch_size=batch_size,
+                    completions=completions,
+                )
+            )
+    seconds = time.perf_counter() - start
+    (output_dir / "metrics.json").write_text(json.dumps({"metrics": metrics, "seconds": seconds}, indent=2))
+    return EvalResult(metrics=metrics, samples_path=samples_path, seconds=seconds)

@@ -1,0 +1,130 @@
+"""evaluate_model end to end on a tiny random Llama through the real lm-eval, and ``harness eval``."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from harness.cli import main
+from harness.errors import HarnessError
+from harness.evaluation import EvalResult, evaluate_model
+from harness.evaluation.lmeval import normalise_metrics, task_name
+
+
+def _perturbed(model, scale: float = 0.5):
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return other
+
+
+def _responses(path) -> dict[str, object]:
+    return {row["id"]: row["response"] for row in map(json.loads, path.read_text().splitlines())}
+
+
+def test_end_to_end_scienceqa_and_mbpp(tiny_model_and_tokenizer, tmp_path, data_dir):
+    model, tok = tiny_model_and_tokenizer
+    result = evaluate_model(
+        model, tok, ["scienceqa", "mbpp"], limit=2, batch_size=2, output_dir=tmp_path, data_dir=data_dir,
+        max_gen_tokens=8,
+    )  # fmt: skip
+    assert isinstance(result, EvalResult) and result.seconds > 0
+    m = result.metrics
+    for key in ("scienceqa.acc", "mbpp.pass_at_1", "mean.acc"):
+        assert 0.0 <= m[key] <= 1.0
+    assert m["mean.acc"] == pytest.approx((m["scienceqa.acc"] + m["mbpp.pass_at_1"]) / 2)
+    assert m["scienceqa.n"] == 2 and m["mbpp.n"] == 2
+    assert m["ppl_fit"] > 1.0 and math.isfinite(m["ppl_fit"])
+    assert all("," not in key for key in m)  # MLflow-safe names
+    rows = [json.loads(line) for line in result.samples_path.read_text().splitlines()]
+    assert sorted(r["benchmark"] for r in rows) == ["mbpp", "mbpp", "scienceqa", "scienceqa"]
+    assert all(r["prompt"].startswith("<|im_start|>") for r in rows)  # chat template applied
+    assert {r["filtered"][0] for r in rows if r["benchmark"] == "mbpp"} <= {
+        "passed",
+        "failed",
+        "timeout",
+        "error",
+    }
+    # max_gen_tokens is honoured: 8 new tokens decode to far fewer than 200 characters.
+    assert all(len(r["response"][0][0]) < 200 for r in rows)
+    assert json.loads((tmp_path / "metrics.json").read_text())["metrics"] == m
+    assert (tmp_path / "lm_eval_cache").is_dir()
+
+
+def test_response_cache_is_per_variant(tiny_model_and_tokenizer, tmp_path, data_dir):
+    """Two models under one cache root get their own answers, not each other's cached ones."""
+    model_a, tok = tiny_model_and_tokenizer
+    model_b = _perturbed(model_a)
+    kwargs = dict(limit=2, batch_size=2, data_dir=data_dir, max_gen_tokens=6, ppl_fit=False)
+    a = evaluate_model(model_a, tok, ["cos_e"], output_dir=tmp_path / "a", **kwargs)
+    b = evaluate_model(model_b, tok, ["cos_e"], output_dir=tmp_path / "b", **kwargs)
+    b_fresh = evaluate_model(model_b, tok, ["cos_e"], output_dir=tmp_path / "fresh" / "b", **kwargs)
+    a_again = evaluate_model(model_a, tok, ["cos_e"], output_dir=tmp_path / "a", **kwargs)
+    assert _responses(b.samples_path) == _responses(b_fresh.samples_path)
+    assert _responses(a.samples_path) != _responses(b.samples_path)
+    assert _responses(a_again.samples_path) == _responses(a.samples_path)
+
+
+def test_loglikelihood_scoring_and_retention(tiny_model_and_tokenizer, tmp_path, data_dir):
+    model, tok = tiny_model_and_tokenizer
+    result = evaluate_model(
+        model, tok, ["gpqa"], limit=2, batch_size=2, output_dir=tmp_path / "out", data_dir=data_dir,
+        scoring="loglikelihood", max_gen_tokens=4, base_model=model, cache_dir=tmp_path / "base",
+    )  # fmt: skip
+    m = result.metrics
+    assert 0.0 <= m["gpqa.acc"] <= 1.0 and m["gpqa.n"] == 2
+    assert m["ret_jsd"] == pytest.approx(0.0, abs=1e-5)  # the model against itself
+    assert m["ppl_ret"] == pytest.approx(m["ppl_ret_reverse"], rel=1e-4)  # same greedy completions
+    assert list((tmp_path / "base").glob("base-completions-*-gpqa-*.json"))
+    row = json.loads(result.samples_path.read_text().splitlines()[0])
+    assert row["task"] == "unisd_gpqa_ll" and len(row["filtered"]) == 4  # one log-likelihood per option
+
+
+def test_normalise_metrics():
+    results = {
+        "unisd_scienceqa": {
+            "alias": "unisd_scienceqa",
+            "acc,none": 0.5,
+            "acc_stderr,none": "N/A",
+            "sample_len": 4,
+        },
+        "unisd_humaneval": {"alias": "x", "pass_at_1,sandbox": 0.25, "pass_at_1_stderr,sandbox": 0.1},
+    }
+    got = normalise_metrics(results, {"unisd_scienceqa": "scienceqa", "unisd_humaneval": "humaneval"})
+    assert got == {"scienceqa.acc": 0.5, "scienceqa.n": 4.0, "humaneval.pass_at_1": 0.25, "mean.acc": 0.375}
+
+
+def test_task_names_and_bad_input():
+    assert task_name("scienceqa", "loglikelihood") == "unisd_scienceqa_ll"
+    assert task_name("mbpp", "loglikelihood") == "unisd_mbpp"
+    with pytest.raises(HarnessError, match="valid benchmarks: .*scienceqa"):
+        task_name("mmlu")
+    with pytest.raises(HarnessError, match="unknown scoring"):
+        task_name("gpqa", "vibes")
+
+
+def test_cli_unknown_benchmark(capsys):
+    assert (
+        main(["eval", "--model", "tiny-random:llama", "--benchmarks", "scienceqa,nope", "--limit", "2"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'nope'" in err and "toolalpaca" in err
+
+
+def test_cli_eval_tiny(tmp_path, data_dir, capsys):
+    code = main(
+        ["eval", "--model", "tiny-random:llama", "--benchmarks", "cos_e", "--limit", "2", "--output",
+         str(tmp_path), "--device", "cpu", "--scoring", "loglikelihood", "--batch-size", "2"]
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "cos_e" in out and "acc" in out and "mean" in out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert 0.0 <= metrics["cos_e.acc"] <= 1.0
+    assert (tmp_path / "samples.jsonl").is_file()
