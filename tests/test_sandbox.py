@@ -136,7 +136,8 @@ def test_huge_file_is_cut_at_the_size_limit(isolate_user):
     [
         "import os\nwhile True:\n    os.fork()",
         "import multiprocessing\nwhile True:\n    multiprocessing.Process(target=print).start()",
-        "import multiprocessing as mp\nctx = mp.get_context('spawn')\nwhile True:\n    ctx.Process(target=print).start()",
+        "import multiprocessing as mp\nctx = mp.get_context('spawn')\n"
+        "while True:\n    ctx.Process(target=print).start()",
         "import subprocess\nwhile True:\n    subprocess.Popen(['sleep', '100'])",
         "import os\nos.system('sleep 100 &')",
     ],
@@ -193,8 +194,9 @@ def test_crash_by_signal_is_error():
 @isolated_only
 def test_fork_bomb_does_not_starve_programs_running_beside_it():
     # Each run has its own uid, so one program's process limit is not the others'.
-    bomb = "import posix, time\nwhile True:\n    try:\n        posix.fork()\n    except OSError:\n        time.sleep(0.01)"
-    ok = "import threading, time\ntime.sleep(1)\nt = threading.Thread(target=print)\nt.start()\nt.join()\nassert 6 * 7 == 42"
+    bomb = "import posix, time\nwhile True:\n    try:\n        posix.fork()\n    except OSError:\n"
+    bomb += "        time.sleep(0.01)"
+    ok = "import threading, time\ntime.sleep(1)\nt = threading.Thread(target=print)\nt.start()\nt.join()\n"
     results = run_programs([bomb, ok, ok, ok], timeout=3, workers=4)
     assert [r.status for r in results[1:]] == ["passed"] * 3, results[1:]
     assert not results[0].passed
@@ -287,7 +289,8 @@ def test_run_programs_keeps_order_and_runs_in_parallel():
     parallel = run_programs(sources, workers=8)
     parallel_s = time.monotonic() - start
     print(
-        f"8 programs: serial {serial_s:.2f} s, parallel {parallel_s:.2f} s, ratio {serial_s / parallel_s:.1f}x"
+        f"8 programs: serial {serial_s:.2f} s, parallel {parallel_s:.2f} s, "
+        f"ratio {serial_s / parallel_s:.1f}x"
     )
     expected = ["failed" if i % 4 == 3 else "passed" for i in range(8)]
     assert [r.status for r in parallel] == expected == [r.status for r in serial]

@@ -32,7 +32,8 @@ _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # An explicit answer phrase, then the letter: "The answer is (B)", "answer: b", "Final answer: **C**",
 # "the correct option is D". Group 1 (bracketed) or 2 (bare) is the letter.
 _ANSWER_PHRASE = re.compile(
-    r"(?:\banswer(?![a-z])(?:\s+is|\s*[:=])?|\b(?:correct|right|best|final)\s+(?:option|choice)(?:\s+is|\s*:)?)"
+    r"(?:\banswer(?![a-z])(?:\s+is|\s*[:=])?"
+    r"|\b(?:correct|right|best|final)\s+(?:option|choice)(?:\s+is|\s*:)?)"
     r"\s*(?:(?:option|choice|letter)\s*)?[:\-]?\s*"
     r"(?:[(\[]([A-Za-z])[)\]]|([A-Za-z])(?![A-Za-z0-9'])(\s*[.,;:!)]|[ \t]*(?:\n|$))?)",
     re.IGNORECASE,
@@ -158,7 +159,8 @@ _ACTION = re.compile(r"^[ \t]*Action[ \t]*:[ \t]*(.*?)[ \t]*$", re.MULTILINE | r
 _ACTION_INPUT = re.compile(r"^[ \t]*Action[ \t]+Input[ \t]*:[ \t]*", re.MULTILINE | re.IGNORECASE)
 # Where an Action Input ends: the next ReAct keyword line, or a closing code fence.
 _INPUT_END = re.compile(
-    r"^[ \t]*(?:Action|Action[ \t]+Input|Observation|Thought|Final[ \t]+Answer|ASSISTANT|USER)[ \t]*:|^[ \t]*```",
+    r"^[ \t]*(?:Action|Action[ \t]+Input|Observation|Thought|Final[ \t]+Answer|ASSISTANT|USER)[ \t]*:"
+    r"|^[ \t]*```",
     re.MULTILINE | re.IGNORECASE,
 )
 # ToolAlpaca's golden inputs refer to earlier results as ${animeId from searchAnime} (sometimes quoted,

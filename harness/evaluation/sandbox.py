@@ -42,6 +42,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import math
@@ -97,8 +99,7 @@ class SandboxResult:
 
 
 # Runs in the sandboxed interpreter before the program. argv[1] is a JSON config; the program reports how
-# it ended by writing one letter to the marker pipe: K ran to its end, F raised, X left early,
-# C did not compile, P the prelude itself failed, M out of memory, Z file too large, G called a disabled function.
+# it ended by writing one letter to the marker pipe (_MARKER_STATUS).
 _PRELUDE = r"""
 import builtins, errno, faulthandler, io, json, os, resource, shutil, subprocess, sys, traceback, types
 import _posixsubprocess
@@ -234,8 +235,16 @@ except BaseException:
 _finish("K", 0)
 """
 
-_MARKER_STATUS: dict[str, Status] = {"K": "passed", "F": "failed", "X": "failed", "C": "error", "P": "error", "M": "error",
-                                     "Z": "error", "G": "error"}  # fmt: skip
+_MARKER_STATUS: dict[str, Status] = {
+    "K": "passed",  # ran to its last statement
+    "F": "failed",  # raised (a failing assert, any exception)
+    "X": "failed",  # left early (SystemExit)
+    "C": "error",  # did not compile
+    "P": "error",  # the prelude itself failed
+    "M": "error",  # MemoryError: the address-space limit
+    "Z": "error",  # file too large: the file-size limit
+    "G": "error",  # called a function the guard disables
+}
 
 
 def run_program(
@@ -448,7 +457,10 @@ def _kill_pid_if_owned(pid: int, uid: int) -> None:
     # pidfd first, uid check second: the signal reaches the process we checked, never a recycled pid.
     try:
         fd = os.pidfd_open(pid)
-    except OSError:
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS and _owner_if_alive(pid) == uid:  # kernel < 5.3: plain kill
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         return
     try:
         if _owner_if_alive(pid) == uid:
