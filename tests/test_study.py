@@ -21,7 +21,7 @@ import pytest
 from optuna.trial import TrialState
 
 from harness.spec import load_spec
-from harness.study import resolve_storage, run_study, status
+from harness.study import run_study, status, study_trials
 from harness.tracking import get_runs, load_results
 
 GRID = """
@@ -123,7 +123,7 @@ def pruned_trial(point, spec, ctx):
 
 
 def _trials(spec):
-    return optuna.load_study(study_name=spec.name, storage=resolve_storage(spec)).get_trials(deepcopy=False)
+    return study_trials(spec)[1]
 
 
 def _calls(spec) -> list[str]:

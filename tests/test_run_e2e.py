@@ -1,0 +1,186 @@
+"""`harness run` end to end on the smoke study: real training, evaluation, Optuna and MLflow stores.
+
+Each test runs the real command in a subprocess (tiny random Llama, a handful of examples), in a
+temporary directory so the report and stores land there. Timings are printed (pytest -s shows them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from harness.plan import grid_points, point_key
+from harness.spec import load_spec
+from harness.study import study_trials
+from harness.tracking import get_runs, load_results
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "studies" / "smoke.yaml"
+
+# Two variants at a sane learning rate, two at one so large that the first update overflows the weights:
+# a real divergence, recorded by the trainer as a non-finite loss.
+DIVERGING = """
+name: diverging
+model: {ref: tiny-random:llama, dtype: float32, device: cpu}
+data: {train: [scienceqa], train_size: 8, data_dir: DATA}
+method:
+  components: [ema]
+  subsets: [[], [ema]]
+training:
+  max_steps: 2
+  batch_size: 4
+  learning_rate: {choices: [1.0e-4, 1.0e+30]}
+  max_prompt_tokens: 256
+  max_completion_tokens: 8
+evaluation: {benchmarks: [scienceqa], limit: 2, batch_size: 2, max_gen_tokens: 8, retention: false}
+output_dir: OUT
+"""
+
+
+def _harness(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _trials(spec):
+    return study_trials(spec)[1]
+
+
+def _smoke(tmp_path: Path):
+    return load_spec(SMOKE).with_overrides(output_dir=tmp_path / "out")
+
+
+def test_smoke_study_fills_real_stores_and_writes_the_report(tmp_path):
+    spec = _smoke(tmp_path)
+    start = time.perf_counter()
+    out = _finish(_harness("run", str(SMOKE), "--output-dir", str(tmp_path / "out"), cwd=tmp_path))
+    wall = time.perf_counter() - start
+    print(f"\nsmoke study: {wall:.1f}s wall for the whole command\n" + "\n".join(out.splitlines()[-4:]))
+
+    keys = sorted(point_key(p) for p in grid_points(spec))
+    trials = _trials(spec)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * len(keys)
+    assert sorted(t.user_attrs["point_key"] for t in trials) == keys
+    runs = {r.info.run_id: r for r in get_runs(spec)}
+    for t in trials:
+        run = runs[t.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] in runs
+        assert run.data.tags["optuna_trial_number"] == str(t.number)
+        for metric in ("scienceqa.acc", "mbpp.pass_at_1", "mean.acc", "ppl_fit", "ppl_ret", "train/loss"):
+            assert metric in run.data.metrics, (metric, sorted(run.data.metrics))
+        assert run.data.metrics["mean.acc"] == pytest.approx(t.values[0])
+        trial_dir = spec.output_path / "trials" / str(t.number)
+        config = json.loads((trial_dir / "variant.json").read_text())
+        assert config["variant_name"] == t.user_attrs["variant"]
+        assert any((trial_dir / "eval").rglob("*")), "per-sample evaluation logs"
+    frame = load_results(spec)
+    assert len(frame) == len(keys) and frame["mean.acc"].notna().all()
+    assert (frame["train_seconds"] > 0).all() and (frame["generated_tokens"] > 0).all()
+    assert (tmp_path / "reports" / "smoke").is_dir(), out[-2000:]
+
+
+def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path):
+    spec = _smoke(tmp_path)
+    args = ("run", str(SMOKE), "--output-dir", str(tmp_path / "out"), "--no-report")
+    proc = _harness(*args, cwd=tmp_path)
+    deadline = time.time() + 300
+    running = None
+    while running is None:
+        assert proc.poll() is None, f"run ended before it could be killed: {proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, "no trial ever ran"
+        if (spec.output_path / "optuna.db").exists():
+            try:
+                trials = _trials(spec)
+            except Exception:  # the study is still being created
+                trials = []
+            done = [t for t in trials if t.state == TrialState.COMPLETE]
+            busy = [t for t in trials if t.state == TrialState.RUNNING]
+            if done and busy:
+                running = busy[0].number
+                break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    before = {t.number: (t.state, t.datetime_complete, t.values) for t in _trials(spec)}
+    assert before[running][0] == TrialState.RUNNING
+
+    _finish(_harness(*args, cwd=tmp_path))
+    trials = {t.number: t for t in _trials(spec)}
+    assert trials[running].state == TrialState.FAIL
+    assert trials[running].user_attrs["fail_reason"] == "interrupted"
+    complete = [t.user_attrs["point_key"] for t in trials.values() if t.state == TrialState.COMPLETE]
+    assert sorted(complete) == sorted(point_key(p) for p in grid_points(spec)), "each point COMPLETE once"
+    for number, (state, finished, values) in before.items():
+        if state == TrialState.COMPLETE:
+            assert trials[number].datetime_complete == finished and trials[number].values == values
+    assert [t.state for t in trials.values()].count(TrialState.FAIL) == 1
+    statuses = {r.info.run_id: r.info.status for r in get_runs(spec)}
+    assert statuses[trials[running].user_attrs["mlflow_run_id"]] == "KILLED"
+
+
+def test_two_workers_never_run_a_point_twice(tmp_path):
+    spec = _smoke(tmp_path)
+    start = time.perf_counter()
+    out = _finish(
+        _harness(
+            "run",
+            str(SMOKE),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--workers",
+            "2",
+            "--no-report",
+            cwd=tmp_path,
+        )
+    )
+    print(f"\nsmoke study, 2 workers: {time.perf_counter() - start:.1f}s wall")
+    trials = _trials(spec)
+    keys = [t.user_attrs["point_key"] for t in trials]
+    assert len(keys) == len(set(keys)) == len(grid_points(spec))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    owners = {t.user_attrs["owner"]["pid"] for t in trials}
+    assert len(owners) == 2, f"both workers ran trials: {out[-2000:]}"
+    children = [r for r in get_runs(spec) if r.data.tags.get("unisd.role") == "trial"]
+    assert len(children) == len(keys) and all(r.info.status == "FINISHED" for r in children)
+
+
+def test_a_diverging_trial_fails_with_its_reason_while_the_others_complete(tmp_path):
+    path = tmp_path / "diverging.yaml"
+    data_dir = os.environ["UNISD_DATA_DIR"]
+    path.write_text(DIVERGING.replace("OUT", str(tmp_path / "out")).replace("DATA", data_dir))
+    spec = load_spec(path)
+    _finish(_harness("run", str(path), "--no-report", cwd=tmp_path))
+    trials = _trials(spec)
+    assert len(trials) == 4
+    for t in trials:
+        lr = t.user_attrs["params"]["training.learning_rate"]
+        if lr > 1:
+            assert t.state == TrialState.FAIL
+            assert t.user_attrs["fail_reason"].startswith("non-finite loss at optimizer step")
+        else:
+            assert t.state == TrialState.COMPLETE
+    runs = {r.info.run_id: r for r in get_runs(spec)}
+    failed = [runs[t.user_attrs["mlflow_run_id"]] for t in trials if t.state == TrialState.FAIL]
+    assert all(r.info.status == "FAILED" and "non-finite" in r.data.tags["fail_reason"] for r in failed)
