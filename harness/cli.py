@@ -98,6 +98,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2, default=str))
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"study {data['study']} ({data['storage']})")
@@ -107,17 +108,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
         values = "" if t["values"] is None else ", ".join(f"{v:.4g}" for v in t["values"])
         duration = "" if t["duration_seconds"] is None else f"{t['duration_seconds']:.1f}s"
         state = t["state"] + (f" ({t['fail_reason']})" if t["fail_reason"] else "")
-        table.add_row(str(t["number"]), state, t["variant"] or "", values, t["mlflow_run_id"] or "", duration)
+        row = (str(t["number"]), state, t["variant"] or "", values, t["mlflow_run_id"] or "", duration)
+        table.add_row(*(escape(cell) for cell in row))  # "unisd[ema]" is not rich markup
     Console().print(table)
     return 0
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    import os
-    import signal
-
     from harness.spec import load_spec
-    from harness.tracking import start_ui
+    from harness.tracking import start_ui, stop_ui
 
     spec = load_spec(args.spec).with_overrides(output_dir=args.output_dir)
     process, url = start_ui(spec, args.port)
@@ -125,8 +124,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     try:
         return process.wait()
     except KeyboardInterrupt:
-        os.killpg(process.pid, signal.SIGTERM)  # the UI's workers are in its process group
-        process.wait(timeout=30)
+        stop_ui(process)  # the UI's workers are in its process group: stop them all
         return 0
 
 

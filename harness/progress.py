@@ -111,7 +111,9 @@ class RichProgress(StudyProgress):
     def trial_start(self, number: int, variant: str) -> None:
         if self._trial is not None:
             self._progress.remove_task(self._trial)
-        self._trial = self._progress.add_task(f"trial {number} {variant}", total=None, info="loading")
+        from rich.markup import escape
+
+        self._trial = self._progress.add_task(f"trial {number} {escape(variant)}", total=None, info="loading")
 
     def trial_steps(self, total: int) -> None:
         if self._trial is not None:
@@ -124,20 +126,23 @@ class RichProgress(StudyProgress):
             self._progress.update(self._trial, completed=step, info=info)
 
     def trial_phase(self, text: str) -> None:
+        from rich.markup import escape
+
         if self._trial is not None:
-            self._progress.update(self._trial, info=text)
+            self._progress.update(self._trial, info=escape(text))
 
     def trial_end(self, number: int, variant: str, state: str, seconds: float, detail: str = "") -> None:
+        from rich.markup import escape
+
         color = {"COMPLETE": "green", "PRUNED": "yellow"}.get(state, "red")
-        self._progress.console.print(
-            f"trial {number} [bold]{variant}[/bold]: [{color}]{state}[/{color}] in {seconds:.1f}s {detail}".rstrip()
-        )
+        line = f"trial {number} [bold]{escape(variant)}[/bold]: [{color}]{state}[/{color}] in {seconds:.1f}s"
+        self._progress.console.print(f"{line} {escape(detail)}".rstrip())
         if self._trial is not None:
             self._progress.remove_task(self._trial)
             self._trial = None
 
     def message(self, text: str) -> None:
-        self._progress.console.print(text)
+        self._progress.console.print(text, markup=False)
 
     def close(self) -> None:
         self._progress.stop()

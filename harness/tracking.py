@@ -56,6 +56,7 @@ __all__ = [
     "normalise_metric_name",
     "open_tracking",
     "start_ui",
+    "stop_ui",
 ]
 
 # Tags that identify our runs inside an experiment that may hold other things too.
@@ -511,3 +512,29 @@ def start_ui(spec: StudySpec, port: int = 5000):
     ]
     process = subprocess.Popen(command, start_new_session=True)
     return process, f"http://127.0.0.1:{port}"
+
+
+def stop_ui(process, grace: float = 15.0) -> None:
+    """Stop a UI started by :func:`start_ui` and every process of its group (SIGTERM, then SIGKILL)."""
+    import os
+    import signal
+
+    def group_alive() -> bool:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    if group_alive():
+        os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.time() + grace
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    while group_alive() and time.time() < deadline:
+        time.sleep(0.2)
+    if group_alive():
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)

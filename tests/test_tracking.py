@@ -152,3 +152,37 @@ def test_load_results_without_a_store_is_a_user_error(spec):
 
     with pytest.raises(HarnessError, match="harness run"):
         load_results(spec)
+
+
+def test_ui_serves_the_study_store_and_stops_with_its_process_group(spec):
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    from harness.tracking import start_ui, stop_ui
+
+    init_tracking(spec)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process, url = start_ui(spec, port)
+    try:
+        assert url == f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            assert process.poll() is None, "mlflow ui exited"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert time.time() < deadline, "mlflow ui never answered /health"
+                time.sleep(1)
+        query = f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={spec.experiment_name}"
+        with urllib.request.urlopen(query, timeout=10) as response:
+            assert b"tracktest" in response.read(), "the UI reads this study's store"
+    finally:
+        stop_ui(process)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)  # no process of the group is left behind
