@@ -325,3 +325,40 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "6" in result.stdout and "sft" in result.stdout
     assert not spec.output_path.exists()
+
+
+def test_multi_objective_study_records_every_objective(tmp_path):
+    text = GRID.replace("retention: false", "retention: true").replace(
+        "output_dir: OUT",
+        "search:\n  objectives:\n    - {metric: mean.acc, direction: maximize}\n"
+        "    - {metric: ppl_ret, direction: minimize}\noutput_dir: OUT",
+    )
+    spec, _ = _spec(tmp_path, text)
+
+    def two_metrics(point, spec, ctx):
+        metrics = fake_trial(point, spec, ctx)
+        return {**metrics, "ppl_ret": 1.0 + metrics["mean.acc"]}
+
+    run_study(spec, trial_fn=two_metrics)
+    study = optuna.load_study(
+        study_name=spec.name, storage=f"sqlite:///{spec.output_path.resolve()}/optuna.db"
+    )
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert all(len(t.values) == 2 and t.values[1] == pytest.approx(1 + t.values[0]) for t in study.trials)
+    assert study.best_trials, "a Pareto front exists"
+
+
+def test_ctrl_c_on_the_parent_stops_every_worker(tmp_path):
+    spec, path = _spec(tmp_path)
+    (spec.output_path).mkdir(parents=True)
+    for i in range(2):  # let the first trials finish quickly, then each worker hangs in its next one
+        (spec.output_path / f"done-x{i}").write_text("")
+    proc = _run_in_subprocess(path, "hanging_trial", workers=2)
+    _wait_for(spec.output_path / "hanging", proc, timeout=180)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)  # the parent only: it must forward the interrupt to its workers
+    assert proc.wait(timeout=120) == 130
+    trials = _trials(spec)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    interrupted = [t for t in trials if t.user_attrs.get("fail_reason") == "interrupted by user"]
+    assert 1 <= len(interrupted) <= 2
