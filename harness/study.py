@@ -33,6 +33,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -57,6 +58,8 @@ TrialFn = Callable[[Any, "StudySpec", "TrialContext"], Mapping[str, float]]
 JOURNAL_SCHEME = "journal:///"
 INTERRUPTED = "interrupted"
 INTERRUPTED_BY_USER = "interrupted by user"
+HEARTBEAT_S = 60.0
+HEARTBEAT_STALE_S = 600.0  # ten missed beats: the owner on another host is gone
 _ORPHAN_GRACE = timedelta(minutes=2)  # a RUNNING trial without an owner record: claimed, then killed at once
 
 
@@ -226,7 +229,42 @@ def _is_stale(trial: optuna.trial.FrozenTrial) -> bool:
     if owner is None:
         start = trial.datetime_start or datetime.now()
         return datetime.now() - start > _ORPHAN_GRACE
-    return _owner_alive(owner) is False
+    alive = _owner_alive(owner)
+    if alive is None:  # another host: trust its heartbeat (shared RDB storages only)
+        beat = trial.user_attrs.get("heartbeat")
+        return beat is not None and time.time() - float(beat) > HEARTBEAT_STALE_S
+    return not alive
+
+
+class _Heartbeat:
+    """Stamps the trial every HEARTBEAT_S seconds, so a worker on another machine can tell a live trial from
+    one whose host died. Only for shared RDB storages (PostgreSQL, MySQL): on one machine the owner's pid
+    answers, and a second writer thread on SQLite would only contend for its lock."""
+
+    def __init__(self, study: optuna.Study, trial_id: int, url: str) -> None:
+        self._stop = threading.Event()
+        self._thread = None
+        if url.startswith(("sqlite", JOURNAL_SCHEME)):
+            return
+        self._storage, self._trial_id = study._storage, trial_id
+        self._beat()
+        self._thread = threading.Thread(target=self._loop, name="trial-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        self._storage.set_trial_user_attr(self._trial_id, "heartbeat", time.time())
+
+    def _loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self._beat()
+            except Exception:  # the trial finished meanwhile, or the server blinked: the next beat retries
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
 
 def _fixed_points(spec: StudySpec) -> dict[str, Any]:
@@ -475,7 +513,11 @@ def _worker_loop(args: _WorkerArgs, progress: StudyProgress) -> int:
             point = suggest_point(trial, spec)
         else:
             return ran
-        _run_one(study, trial, point, args, progress)
+        heartbeat = _Heartbeat(study, trial._trial_id, args.storage_url)
+        try:
+            _run_one(study, trial, point, args, progress)
+        finally:
+            heartbeat.stop()
         ran += 1
         progress.study_advance(_finished_count(study))
 
@@ -594,7 +636,6 @@ def run_study(
     it must be importable by name (a module-level function), since workers are spawned processes.
     Raises KeyboardInterrupt after marking the running trial(s) when interrupted (the CLI exits 130).
     """
-    from optuna.trial import TrialState
 
     from harness.plan import describe_plan
     from harness.tracking import finish_study, init_tracking
@@ -675,7 +716,6 @@ def run_study(
     )
     if interrupted:
         raise KeyboardInterrupt
-    _ = TrialState
     return summary
 
 

@@ -21,7 +21,6 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -282,7 +281,7 @@ def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float
         from unisd_components.lora import apply_lora
 
         lora = spec.model.lora
-        model = apply_lora(model, lora.r, lora.alpha, lora.target_modules)
+        model = apply_lora(model, lora.r, lora.alpha, lora.target_modules, dropout=lora.dropout)
     examples = _train_examples(spec)
     total = _planned_steps(training, len(examples))
     ctx.progress.trial_steps(total)
@@ -325,6 +324,3 @@ def reset_process_state() -> None:
     """Forget the cached base model and examples (tests; a study with another model)."""
     _BASE.clear()
     _TRAIN_EXAMPLES.clear()
-
-
-_ = Mapping

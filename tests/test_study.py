@@ -362,3 +362,30 @@ def test_ctrl_c_on_the_parent_stops_every_worker(tmp_path):
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     interrupted = [t for t in trials if t.user_attrs.get("fail_reason") == "interrupted by user"]
     assert 1 <= len(interrupted) <= 2
+
+
+def test_staleness_uses_the_pid_here_and_the_heartbeat_elsewhere():
+    from datetime import datetime
+
+    from optuna.trial import create_trial
+
+    from harness.study import HEARTBEAT_STALE_S, _is_stale, _owner_record
+
+    def running(attrs):
+        trial = create_trial(state=TrialState.RUNNING, user_attrs=attrs)
+        trial.datetime_start = datetime.now()
+        return trial
+
+    me = _owner_record()
+    assert not _is_stale(running({"owner": me}))
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    assert _is_stale(running({"owner": {**me, "pid": int(dead.stdout)}}))
+    assert _is_stale(running({"owner": {**me, "started": me["started"] - 100}})), (
+        "a reused pid is not the owner"
+    )
+    elsewhere = {**me, "host": "another-machine"}
+    assert not _is_stale(running({"owner": elsewhere, "heartbeat": time.time()}))
+    assert _is_stale(running({"owner": elsewhere, "heartbeat": time.time() - HEARTBEAT_STALE_S - 1}))
+    assert not _is_stale(running({})), "just claimed, owner not written yet"
