@@ -331,6 +331,17 @@ def test_left_padded_rows_score_like_unpadded_ones(tiny_model_and_tokenizer):
             alone = torch.log_softmax(model(input_ids=row).logits[0, len(ctx) - 1 : -1].float() / 0.7, -1)
             torch.testing.assert_close(batched[i], alone, atol=2e-4, rtol=1e-4)
     assert torch.isfinite(batched).all()
+    # Rows that drop the padding after their EOS: same values at their real positions, zeros after.
+    lengths = [3, 1, 2]
+    trimmed_ids, trimmed_mask = pad_left(
+        [c + completion[i, :n].tolist() for i, (c, n) in enumerate(zip(contexts, lengths, strict=True))], 2
+    )
+    with torch.no_grad():
+        hidden = completion_hidden(model, trimmed_ids, trimmed_mask, 3, torch.tensor(lengths))
+        trimmed = completion_logps(model, hidden, 0.7)
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(trimmed[i, :n], batched[i, :n], atol=2e-4, rtol=1e-4)
+        assert (hidden[i, n:] == 0).all()
 
 
 def test_gradient_checkpointing_and_accumulation(tiny_model_and_tokenizer, cache_dir):
@@ -354,3 +365,37 @@ def test_bad_inputs_are_rejected(tiny_model_and_tokenizer):
     twice[1].id = twice[0].id
     with pytest.raises(ValueError, match="unique"):
         train_variant(model, tok, twice, VariantConfig(), TRAINING)
+
+
+@pytest.mark.slow
+def test_unisd_star_trains_on_bundled_smollm2_with_lora(data_dir, tmp_path):
+    """UniSD* (retrieval K=3, contrastive, EMA, feature matching) on the real 135M model under LoRA."""
+    from harness.data import load_benchmark
+    from harness.models import BUNDLED_SMOLLM2, load_model
+    from unisd_components.lora import apply_lora
+
+    model, tok = load_model(BUNDLED_SMOLLM2, device="cpu")
+    model = apply_lora(model, r=8, alpha=16)
+    raw = load_benchmark("scienceqa", "train", data_dir=data_dir, limit=6)
+    examples = [
+        TrainingExample(
+            id=e.id,
+            messages=list(e.messages),
+            demonstration=e.demonstration,
+            kind=e.kind,
+            choices=e.choices,
+            answer=e.answer,
+        )
+        for e in raw
+    ]
+    variant = PRESETS["unisd_star"].model_copy(update={"ema": EMAConfig(beta=0.9, sync_steps=1)})
+    training = TrainingConfig(max_steps=2, batch_size=2, max_completion_tokens=16, learning_rate=1e-3)
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = train_variant(model, tok, examples, variant, training, cache_dir=tmp_path)
+    assert result.steps == 2 and result.generated_tokens > 0
+    for row in result.history:
+        assert all(math.isfinite(v) for v in row.values()), row
+        assert row["ema_synced_tensors"] > 0 and 0 < row["agreement_weight_min"] <= 1
+    params = dict(model.named_parameters())
+    assert any(not torch.equal(adapters[n], params[n]) for n in adapters)
+    assert list((tmp_path).glob("negatives-*.json")) and list((tmp_path).glob("embeddings-*.npy"))

@@ -57,22 +57,41 @@ def pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 def completion_hidden(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_len: int,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Hidden states ``[R,T,H]`` that predict the last ``T = completion_len`` tokens of each row.
+    """Hidden states ``[R,T,H]`` that predict the completion tokens of each row (``T = completion_len``).
 
-    ``input_ids`` is ``[R, L]`` left-padded with the completion in the last ``T`` columns. The final
-    token is not fed (nothing is predicted from it). Position ids count real tokens only, so a
+    ``input_ids`` is ``[R, L]`` left-padded, each row ending with its completion. ``lengths`` (``[R]``,
+    default all ``T``) is how many completion tokens a row actually carries: rows may drop the padding
+    after their EOS, so no compute goes to it; positions ``t >= lengths[r]`` come back as zeros. The
+    final token is not fed (nothing is predicted from it). Position ids count real tokens only, so a
     left-padded row is scored exactly as the unpadded one (and as ``generate`` saw it).
     """
-    if completion_len < 1 or completion_len >= input_ids.shape[1]:
-        raise ValueError(f"completion_len {completion_len} must be in [1, {input_ids.shape[1] - 1}]")
+    longest = completion_len if lengths is None else int(lengths.max())
+    if completion_len < 1 or longest >= input_ids.shape[1]:
+        raise ValueError(
+            f"completion of {longest} tokens does not fit rows of {input_ids.shape[1]} (context >= 1)"
+        )
     decoder, _ = decoder_and_head(model)
     ids = input_ids[:, :-1]
     mask = attention_mask[:, :-1]
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
-    return out.last_hidden_state[:, -completion_len:]
+    hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    hidden = hidden.last_hidden_state
+    if lengths is None:
+        return hidden[:, -completion_len:]
+    width = hidden.shape[1]
+    lengths = lengths.to(hidden.device)
+    steps = torch.arange(completion_len, device=hidden.device)
+    # Completion token t of row r sits at input column L - len_r + t; the hidden state before it predicts it.
+    index = ((width - lengths)[:, None] + steps[None, :]).clamp(max=width - 1)
+    picked = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+    valid = steps[None, :] < lengths[:, None]
+    return torch.where(valid[..., None], picked, torch.zeros((), dtype=picked.dtype, device=picked.device))
 
 
 def completion_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

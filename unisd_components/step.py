@@ -9,8 +9,8 @@ Read top to bottom, a distillation micro-step is:
    demonstration context (full-vocabulary log-probs, and final hidden states for feature matching),
    then every component's extra contexts (K agreement contexts, the negative context) of which only
    the sampled-token log-probs are kept, and the KL-to-base reference rows when the base weights are
-   the teacher's. Rows are sorted by length and cut into chunks of a token budget, so little compute
-   goes to padding;
+   the teacher's. Each row stops at its completion's EOS, and rows are sorted by length and cut into
+   chunks of a token budget, so little compute goes to padding;
 3. **student**: ``[prompt | completion]`` with gradient, LM head on completion positions only, the
    divergence, the components' weights and terms, each term checked for finiteness, then backward of
    ``loss / grad_accum``.
@@ -47,8 +47,11 @@ __all__ = [
     "sample_completions",
 ]
 
-# Tokens (rows x padded length) per teacher forward chunk; rows are length-sorted before chunking.
-_TEACHER_TOKEN_BUDGET = 16384
+# Tokens (rows x padded length) per forward chunk; rows are length-sorted before chunking. On a CPU every
+# padded token is computed for nothing and a chunk of ~2k tokens already saturates the cores; on a GPU
+# fewer, larger batches win.
+_TOKEN_BUDGET = {"cpu": 2048, "cuda": 32768}
+_DEFAULT_TOKEN_BUDGET = 8192
 _PHASES = ("generation", "teacher", "student", "optimizer")
 
 
@@ -199,10 +202,10 @@ class StepRunner:
         messages = contexts.demonstration_context(example.messages, example.demonstration)
         return self.encode((example.id, "teacher"), messages, 2 * self.training.max_prompt_tokens)
 
-    def gold_completion(self, examples: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def gold_completion(self, examples: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Gold demonstrations as completions: tokens ``[B,T]`` (demonstration, then EOS if it fits in
-        ``max_completion_tokens``; pad after) and the bool mask of real tokens (by length, since the pad
-        id may equal EOS)."""
+        ``max_completion_tokens``; pad after), the bool mask of real tokens (by length, since the pad id
+        may equal EOS) and the lengths."""
         limit = self.training.max_completion_tokens
         rows = []
         for ex in examples:
@@ -215,7 +218,7 @@ class StepRunner:
             tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[i, : len(row)] = True
         mask[:, : self.training.skip_first_tokens] = False
-        return tokens.to(self.device), mask.to(self.device)
+        return tokens.to(self.device), mask.to(self.device), [len(r) for r in rows]
 
     # ---- forward passes
 
@@ -224,28 +227,41 @@ class StepRunner:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()  # never bf16 on CPU
 
-    def _row_hidden(self, module: nn.Module, rows: _Rows, completion: torch.Tensor) -> torch.Tensor:
-        """Completion hidden states ``[R,T,H]`` of ``[context_r | completion[b_r]]``, length-bucketed."""
+    def _row_hidden(
+        self, module: nn.Module, rows: _Rows, completion: torch.Tensor, lengths: list[int]
+    ) -> torch.Tensor:
+        """Completion hidden states ``[R,T,H]`` of ``[context_r | completion[b_r][:lengths[b_r]]]``.
+
+        Each row carries its completion only up to its EOS (the padding after it is never computed);
+        rows are sorted by length and cut into chunks of about ``_TOKEN_BUDGET`` tokens, so padding
+        between rows stays small too.
+        """
         T = completion.shape[1]
-        order = sorted(range(len(rows.contexts)), key=lambda r: len(rows.contexts[r]))
-        chunks: list[list[int]] = [[]]
-        for r in order:
-            width = len(rows.contexts[r]) + T
-            if chunks[-1] and (len(chunks[-1]) + 1) * width > _TEACHER_TOKEN_BUDGET:
-                chunks.append([])
-            chunks[-1].append(r)
+        tokens = completion.tolist()
+        full = [rows.contexts[r] + tokens[b][: lengths[b]] for r, b in enumerate(rows.batch_index)]
+        budget = _TOKEN_BUDGET.get(self.device.type, _DEFAULT_TOKEN_BUDGET)
+        if len(full) * max(len(f) for f in full) <= budget:
+            chunks = [list(range(len(full)))]  # one forward, rows in their own order
+        else:
+            chunks = [[]]
+            for r in sorted(range(len(full)), key=lambda r: len(full[r])):
+                if chunks[-1] and (len(chunks[-1]) + 1) * len(full[r]) > budget:
+                    chunks.append([])
+                chunks[-1].append(r)
         pieces: dict[int, torch.Tensor] = {}
         for chunk in chunks:
-            ctx_ids, ctx_mask = pad_left([rows.contexts[r] for r in chunk], self.pad_id)
-            comp = completion[[rows.batch_index[r] for r in chunk]]
-            ids = torch.cat([ctx_ids.to(self.device), comp], dim=1)
-            mask = torch.cat([ctx_mask.to(self.device), torch.ones_like(comp)], dim=1)
-            hidden = completion_hidden(module, ids, mask, T)
+            ids, mask = pad_left([full[r] for r in chunk], self.pad_id)
+            row_lengths = torch.tensor([lengths[rows.batch_index[r]] for r in chunk])
+            hidden = completion_hidden(module, ids.to(self.device), mask.to(self.device), T, row_lengths)
+            if len(chunks) == 1:
+                return hidden
             for i, r in enumerate(chunk):
                 pieces[r] = hidden[i]
-        return torch.stack([pieces[r] for r in range(len(rows.contexts))])
+        return torch.stack([pieces[r] for r in range(len(full))])
 
-    def _teacher_pass(self, examples: Sequence[Any], prompts: list[list[int]], completion: torch.Tensor):
+    def _teacher_pass(
+        self, examples: Sequence[Any], prompts: list[list[int]], completion: torch.Tensor, lengths: list[int]
+    ):
         """Main teacher log-probs/hidden, extra-context token log-probs, KL-to-base reference token log-probs."""
         B = len(examples)
         rows = _Rows([self.teacher_context_ids(ex) for ex in examples], list(range(B)))
@@ -271,7 +287,7 @@ class StepRunner:
             temps += [self.tau] * B
         T = completion.shape[1]
         with torch.no_grad(), self._autocast(), self.teacher.active() as module:
-            hidden = self._row_hidden(module, rows, completion)
+            hidden = self._row_hidden(module, rows, completion, lengths)
             teacher_logps = completion_logps(module, hidden[:B], self.tau)
             teacher_hidden = hidden[:B] if self.needs_hidden else None
             extra_logps = None
@@ -286,16 +302,17 @@ class StepRunner:
             base_logps = extra_logps[base_first - B :]
         elif self.base is not None:
             with torch.no_grad(), self._autocast(), self.base.active() as module:
-                hidden = self._row_hidden(module, _Rows(prompts, list(range(B))), completion)
+                hidden = self._row_hidden(module, _Rows(prompts, list(range(B))), completion, lengths)
                 base_logps = sampled_token_logps(module, hidden, completion, self.tau)
         return teacher_logps, teacher_hidden, context_logps, base_logps
 
-    def _student_pass(self, prompts: list[list[int]], completion: torch.Tensor, temperature: float):
-        prompt_ids, prompt_mask = pad_left(prompts, self.pad_id)
-        ids = torch.cat([prompt_ids.to(self.device), completion], dim=1)
-        mask = torch.cat([prompt_mask.to(self.device), torch.ones_like(completion)], dim=1)
+    def _student_pass(
+        self, prompts: list[list[int]], completion: torch.Tensor, lengths: list[int], temperature: float
+    ):
         with self._autocast():
-            hidden = completion_hidden(self.model, ids, mask, completion.shape[1])
+            hidden = self._row_hidden(
+                self.model, _Rows(prompts, list(range(len(prompts)))), completion, lengths
+            )
             logps = completion_logps(self.model, hidden, temperature)
         return hidden, logps
 
@@ -316,15 +333,16 @@ class StepRunner:
                     pad_id=self.pad_id,
                     eos_ids=self.eos_ids,
                 )
+                lengths = completion_mask(completion, self.eos_ids).sum(-1).tolist()
                 mask = completion_mask(completion, self.eos_ids, self.training.skip_first_tokens)
             else:
-                completion, mask = self.gold_completion(examples)
+                completion, mask, lengths = self.gold_completion(examples)
         with self.timer.phase("teacher"):
             teacher_logps, teacher_hidden, context_logps, base_logps = self._teacher_pass(
-                examples, prompts, completion
+                examples, prompts, completion, lengths
             )
         with self.timer.phase("student"):
-            student_hidden, student_logps = self._student_pass(prompts, completion, self.tau)
+            student_hidden, student_logps = self._student_pass(prompts, completion, lengths, self.tau)
             tokens = completion.unsqueeze(-1)
             scores = StepScores(
                 mask=mask,
@@ -373,8 +391,8 @@ class StepRunner:
         """Cross-entropy on the gold demonstrations (completion tokens only). Returns ``(terms, metrics)``."""
         prompts = [self.prompt_ids(ex) for ex in examples]
         with self.timer.phase("student"):
-            completion, mask = self.gold_completion(examples)
-            _, logps = self._student_pass(prompts, completion, 1.0)
+            completion, mask, lengths = self.gold_completion(examples)
+            _, logps = self._student_pass(prompts, completion, lengths, 1.0)
             token_logps = logps.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
             terms = {"cross_entropy": weighted_sequence_mean(-token_logps, mask)}
             metrics = {"completion_tokens": float(mask.sum(-1).float().mean()), "generated_tokens": 0.0}

@@ -133,7 +133,7 @@ def _train(model, tokenizer, examples, variant, training, cache_dir, callback, t
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameter (frozen model, or LoRA without adapters?)")
-    optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
+    optimizer = _adamw(params, training)
     micro_per_epoch = math.ceil(len(examples) / training.batch_size)
     total_steps = training.max_steps or max(
         1, math.ceil(training.epochs * micro_per_epoch / training.grad_accum)
@@ -232,6 +232,18 @@ def _optimizer_step(
     if not torch.isfinite(torch.stack(norms)).all():
         raise NonFiniteLossError(step, "parameters (after the optimizer step)")
     return {"lr": float(lr), "grad_norm": float(grad_norm)}
+
+
+def _adamw(params: list[torch.Tensor], training: TrainingConfig) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel per step where torch supports it (CPU and CUDA): the per-parameter
+    loop of the default implementation costs seconds per step on a 135M model on CPU."""
+    kwargs = {"lr": training.learning_rate, "weight_decay": training.weight_decay}
+    if all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params):
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # dtype/device combination without a fused kernel
+            pass
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def _schedule(training: TrainingConfig, total_steps: int) -> Callable[[int], float]:

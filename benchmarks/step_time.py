@@ -1,0 +1,256 @@
+"""Per-phase step time of SDFT, UniSD* (K=3) and TRL's on-policy DistillationTrainer, measured in one run.
+
+Same model (SmolLM2-135M-Instruct, full fine-tuning, fp32 on CPU), same batch (the same 4 ScienceQA
+training prompts at every step), exactly 64 completion tokens per prompt for every method (EOS is held
+off with ``min_new_tokens``: otherwise a batch whose samples happen to stop early looks faster), same
+sampling temperature; TRL's teacher is a second copy of the same model. UniSD*'s retrieval donors are
+the other three prompts. Methods run in interleaved rounds (sdft, unisd_star, trl, sdft, ...) so that load from other
+processes on a shared machine hits all of them alike; each run's first step (lazy initialisation) is
+discarded and the per-phase medians over the remaining steps are reported, then the ratios
+``unisd_star / sdft`` (target <= 1.5) and ``sdft / trl`` (target <= 1.0).
+
+Phases: generation (sampling completions), teacher (gradient-free teacher forwards: for UniSD* the
+demonstration context plus K=3 agreement contexts plus the negative context, one batched pass), student
+(forward with gradient, loss, backward), optimizer (clipping, AdamW, schedule, EMA sync). For TRL the
+same split is taken by timing its ``_generate_and_score_completions`` (generation), its teacher
+``_get_last_hidden_state`` calls (teacher), the rest of ``training_step`` (student) and the rest of the
+optimizer step (optimizer).
+
+Note the teachers differ by design: SDFT's teacher reads prompt + gold demonstration + instruction
+(~1.5x the prompt), TRL's reads the bare prompt (plain distillation has no demonstration context).
+
+Run: ``python benchmarks/step_time.py [--steps 3] [--rounds 2] [--model bundled:smollm2-135m-instruct]``
+(needs the bench extra: ``pip install trl``). Takes several minutes on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+PHASES = ("generation", "teacher", "student", "optimizer")
+COMPLETION_TOKENS = 64
+
+
+def _examples(tokenizer, n: int, data_dir: str | None):
+    from unisd_components import TrainingExample
+
+    try:
+        from harness.data import load_benchmark
+
+        raw = load_benchmark("scienceqa", "train", data_dir=data_dir, limit=n)
+        return [
+            TrainingExample(
+                id=e.id,
+                messages=list(e.messages),
+                demonstration=e.demonstration,
+                kind=e.kind,
+                choices=e.choices,
+                answer=e.answer,
+            )
+            for e in raw
+        ]
+    except Exception as err:  # no local data: synthetic prompts of similar length
+        print(
+            f"(scienceqa not available: {err.__class__.__name__}; using synthetic prompts)", file=sys.stderr
+        )
+        return [
+            TrainingExample(
+                id=f"synthetic/{i}",
+                messages=[
+                    {"role": "user", "content": f"Question {i}: which is larger, {i} or {i + 1}? " * 6}
+                ],
+                demonstration=f"{i + 1} is one more than {i}, so it is larger. The answer is (B).",
+                kind="multiple_choice",
+                choices=(str(i), str(i + 1)),
+                answer="B",
+            )
+            for i in range(n)
+        ]
+
+
+def run_ours(base_model, tokenizer, examples, variant, steps: int, cache_dir: Path) -> list[dict[str, float]]:
+    from unisd_components import TrainingConfig, train_variant
+
+    training = TrainingConfig(
+        max_steps=steps + 1,
+        batch_size=4,
+        max_completion_tokens=COMPLETION_TOKENS,
+        temperature=0.7,
+        learning_rate=1e-5,
+    )
+    model = copy.deepcopy(base_model)
+    model.generation_config.min_new_tokens = COMPLETION_TOKENS  # equal work for every method (see docstring)
+    result = train_variant(model, tokenizer, examples, variant, training, cache_dir=cache_dir)
+    return [
+        {p: row[f"seconds_{p}"] for p in PHASES} | {"tokens": row["generated_tokens"]}
+        for row in result.history[1:]
+    ]
+
+
+def run_trl(base_model, tokenizer, examples, steps: int, seed: int = 0) -> list[dict[str, float]]:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    student = copy.deepcopy(base_model).train()
+    teacher = copy.deepcopy(base_model).eval()
+    tok = copy.deepcopy(tokenizer)
+    tok.padding_side = "left"
+    dataset = Dataset.from_list([{"prompt": [dict(m) for m in ex.messages]} for ex in examples])
+    with tempfile.TemporaryDirectory() as out:
+        args = DistillationConfig(
+            output_dir=out,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=1,
+            max_steps=steps + 1,
+            learning_rate=1e-5,
+            warmup_steps=0.1,  # a fraction of the steps (transformers 5)
+            lr_scheduler_type="cosine",
+            max_grad_norm=1.0,
+            max_completion_length=COMPLETION_TOKENS,
+            temperature=0.7,
+            top_k=0,
+            top_p=1.0,
+            beta=0.0,  # forward KL, as SDFT's default alpha = 0
+            generation_kwargs={"min_new_tokens": COMPLETION_TOKENS},
+            gradient_checkpointing=False,
+            bf16=False,
+            use_cpu=not torch.cuda.is_available(),
+            report_to="none",
+            logging_steps=1,
+            save_strategy="no",
+            seed=seed,
+            disable_tqdm=True,
+        )
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tok
+        )
+        timings: list[dict[str, float]] = []
+        current: dict[str, float] = defaultdict(float)
+
+        def timed(fn, key, only_no_grad=False):
+            def wrapper(*a, **k):
+                if only_no_grad and torch.is_grad_enabled():
+                    return fn(*a, **k)
+                start = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    current[key] += time.perf_counter() - start
+
+            return wrapper
+
+        trainer._generate_and_score_completions = timed(trainer._generate_and_score_completions, "generation")
+        trainer._get_last_hidden_state = timed(trainer._get_last_hidden_state, "teacher", only_no_grad=True)
+        trainer.training_step = timed(trainer.training_step, "training_step")
+
+        class StepTimer(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                current.clear()
+                current["_start"] = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                total = time.perf_counter() - current["_start"]
+                # training_step includes generation (in _prepare_inputs) and the teacher pass.
+                student = current["training_step"] - current["generation"] - current["teacher"]
+                timings.append(
+                    {
+                        "generation": current["generation"],
+                        "teacher": current["teacher"],
+                        "student": student,
+                        "optimizer": total - current["training_step"],
+                        "tokens": float("nan"),
+                    }
+                )
+
+        trainer.add_callback(StepTimer())
+        trainer.train()
+    return timings[1:]
+
+
+def _median(rows: list[dict[str, float]]) -> dict[str, float]:
+    out = {p: statistics.median(r[p] for r in rows) for p in PHASES}
+    out["total"] = statistics.median(sum(r[p] for p in PHASES) for r in rows)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="bundled:smollm2-135m-instruct")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run (one warm-up step more)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the three methods")
+    parser.add_argument("--examples", type=int, default=4, help="4 = every step scores the same batch")
+    parser.add_argument("--data-dir", default=os.environ.get("UNISD_DATA_DIR"))
+    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for every method (default: torch's choice)",
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from harness.models import load_model
+    from unisd_components import PRESETS, VariantConfig
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(args.model)
+    examples = _examples(tokenizer, args.examples, args.data_dir)
+    variants = {"sdft": VariantConfig(), "unisd_star": PRESETS["unisd_star"]}
+    print(
+        f"model {args.model} on {next(model.parameters()).device}, {torch.get_num_threads()} threads; "
+        f"batch 4, 64 completion tokens, {args.steps} timed steps x {args.rounds} rounds",
+        flush=True,
+    )
+    rows: dict[str, list[dict[str, float]]] = defaultdict(list)
+    with tempfile.TemporaryDirectory(prefix="unisd-bench-") as tmp:
+        cache = Path(tmp)
+        # Generate the negatives and embeddings once, outside the timed runs (a study caches them too).
+        run_ours(model, tokenizer, examples, variants["unisd_star"], 0, cache)
+        for round_ in range(args.rounds):
+            for name, variant in variants.items():
+                rows[name] += run_ours(model, tokenizer, examples, variant, args.steps, cache)
+                print(
+                    f"round {round_ + 1}: {name} {_median(rows[name])['total']:.2f} s/step so far", flush=True
+                )
+            if not args.skip_trl:
+                rows["trl"] += run_trl(model, tokenizer, examples, args.steps)
+                print(
+                    f"round {round_ + 1}: trl {_median(rows['trl'])['total']:.2f} s/step so far", flush=True
+                )
+
+    medians = {name: _median(r) for name, r in rows.items()}
+    print("\nmedian seconds per optimizer step")
+    print(f"{'method':<12}" + "".join(f"{p:>12}" for p in (*PHASES, "total")))
+    for name, m in medians.items():
+        print(f"{name:<12}" + "".join(f"{m[p]:>12.2f}" for p in (*PHASES, "total")))
+    ratio_star = medians["unisd_star"]["total"] / medians["sdft"]["total"]
+    print(f"\nunisd_star / sdft = {ratio_star:.2f}  (target <= 1.5)")
+    print(
+        "  per phase: "
+        + ", ".join(f"{p} {medians['unisd_star'][p] / max(medians['sdft'][p], 1e-9):.2f}" for p in PHASES)
+    )
+    if "trl" in medians:
+        ratio_trl = medians["sdft"]["total"] / medians["trl"]["total"]
+        print(f"sdft / trl = {ratio_trl:.2f}  (target <= 1.0)")
+        print(
+            "  per phase: "
+            + ", ".join(f"{p} {medians['sdft'][p] / max(medians['trl'][p], 1e-9):.2f}" for p in PHASES)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
