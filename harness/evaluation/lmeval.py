@@ -177,8 +177,12 @@ def evaluate_model(
             texts; multiple-choice benchmarks only, the others stay generative).
         max_gen_tokens: Generation budget of every generative task and of retention's completions.
         base_model: The untrained model; when given (and ``retention``), adds ``ppl_ret``, ``ret_jsd``
-            and ``ppl_ret_reverse`` (base completions cached in ``cache_dir``).
+            and ``ppl_ret_reverse`` (base completions cached in ``cache_dir``). The evaluated model's
+            greedy completions are the ones lm-eval just generated (re-tokenized text, cut at the task's
+            stop sequences), not a second generation pass; log-likelihood scoring generates them.
         ppl_fit: Add ``ppl_fit`` (gold-demonstration perplexity, token-weighted over all benchmarks).
+
+    lm-eval seeds Python's, NumPy's and torch's global generators with ``seed`` on the way in.
 
     Returns:
         :class:`EvalResult` with metrics named ``<benchmark>.acc`` / ``<benchmark>.pass_at_1``,
