@@ -78,6 +78,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"training + evaluation {work:.1f}s; harness overhead {summary.overhead_share:.1%} of the wall time"
         )
     print(f"storage {summary.storage}; tracking {spec.tracking_uri} (harness ui {args.spec})")
+    if summary.crashed_workers:
+        crashed = summary.crashed_workers
+        print(f"workers {crashed} crashed; run the same command again to finish", file=sys.stderr)
+        return 1
     if not args.no_report:
         from harness.report import report_for_study
 

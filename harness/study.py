@@ -79,6 +79,7 @@ class StudySummary:
     eval_seconds: float = 0.0
     overhead_share: float | None = None
     interrupted: bool = False
+    crashed_workers: list[int] = field(default_factory=list)
     plan: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,8 +114,9 @@ def resolve_storage(spec: StudySpec, workers: int = 1) -> str:
     return url
 
 
-def _make_storage(url: str):
-    import optuna
+def _make_storage(url: str, *, create: bool = True):
+    """An Optuna storage for ``url``. ``create=False``: the schema must exist; no DDL is issued, so a
+    reader (``harness status``, a worker) never races the process creating the tables."""
     from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -122,14 +124,21 @@ def _make_storage(url: str):
         path = Path("/" + url.removeprefix(JOURNAL_SCHEME).lstrip("/"))
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
+    kwargs: dict[str, Any] = {"skip_table_creation": not create}
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        # A long busy timeout: the MLflow process-monitor thread and `harness status` may read meanwhile.
-        return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    try:
-        return RDBStorage(url)
-    except (optuna.exceptions.StorageInternalError, ImportError, ValueError) as err:
-        raise HarnessError(f"cannot open Optuna storage {url}: {err}") from err
+        # A long busy timeout: `harness status` or a monitoring thread may hold the lock for a moment.
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    for attempt in range(5):
+        try:
+            return RDBStorage(url, **kwargs)
+        except (ImportError, ValueError) as err:
+            raise HarnessError(f"cannot open Optuna storage {url}: {err}") from err
+        except Exception as err:  # schema creation racing another process: the second try finds the tables
+            if attempt == 4:
+                raise HarnessError(f"cannot open Optuna storage {url}: {str(err).splitlines()[0]}") from err
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _sampler(spec: StudySpec, worker: int = 0):
@@ -159,7 +168,7 @@ def load_study(spec: StudySpec, storage_url: str, *, create: bool, worker: int =
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     directions = [o.direction for o in spec.search.objectives]
-    storage = _make_storage(storage_url)
+    storage = _make_storage(storage_url, create=create)
     if create:
         study = optuna.create_study(
             storage=storage,
@@ -176,6 +185,12 @@ def load_study(spec: StudySpec, storage_url: str, *, create: bool, worker: int =
             )
         except KeyError as err:
             raise HarnessError(f"no study {spec.name!r} in {storage_url}: run `harness run` first") from err
+        except HarnessError:
+            raise
+        except Exception as err:  # e.g. a storage still being created by `harness run`
+            raise HarnessError(
+                f"cannot read study {spec.name!r} in {storage_url}: {str(err).splitlines()[0]}"
+            ) from err
     found = [d.name.lower() for d in study.directions]
     if found != directions:
         raise HarnessError(
@@ -587,8 +602,10 @@ def _default_progress() -> StudyProgress:
     return RichProgress() if sys.stderr.isatty() else LineProgress()
 
 
-def _run_workers(args: _WorkerArgs, n: int, study: optuna.Study, total: int, progress: StudyProgress) -> bool:
-    """Spawn ``n`` worker processes on the shared storage; return True when interrupted."""
+def _run_workers(
+    args: _WorkerArgs, n: int, study: optuna.Study, total: int, progress: StudyProgress
+) -> tuple[bool, list[int]]:
+    """Spawn ``n`` worker processes on the shared storage; return (interrupted, crashed worker ids)."""
     context = multiprocessing.get_context("spawn")
     procs = []
     for i in range(n):
@@ -616,8 +633,9 @@ def _run_workers(args: _WorkerArgs, n: int, study: optuna.Study, total: int, pro
         raise HarnessError("a worker stopped on a user error (see its message above)")
     crashed = [i for i, c in enumerate(codes) if c not in (0, 130)]
     if crashed and not interrupted:
+        # Their running trials stay RUNNING with a dead owner: the next run marks them and reruns the points.
         progress.message(f"workers {crashed} exited abnormally (codes {[codes[i] for i in crashed]})")
-    return interrupted
+    return interrupted, crashed
 
 
 def run_study(
@@ -650,6 +668,7 @@ def run_study(
     started_wall = time.time()
     t0 = time.perf_counter()
     spec.output_path.mkdir(parents=True, exist_ok=True)
+    warm = _start_warm_up(spec) if workers == 1 and trial_fn is None else None
     url = resolve_storage(spec, workers)
     study = load_study(spec, url, create=True)
     tracking = init_tracking(spec, parent_run_id=study.user_attrs.get("mlflow_parent_run_id"))
@@ -666,12 +685,15 @@ def run_study(
     progress.study_start(total, _finished_count(study))
     args = _WorkerArgs(spec, url, tracking, trial_fn, 0, workers, started_wall)
     interrupted = False
+    crashed: list[int] = []
     previous = _install_sigterm()
     try:
         if workers == 1:
+            if warm is not None:
+                warm.join()
             _worker_loop(args, progress)
         else:
-            interrupted = _run_workers(args, workers, study, total, progress)
+            interrupted, crashed = _run_workers(args, workers, study, total, progress)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -702,6 +724,7 @@ def run_study(
         eval_seconds=evaluation,
         overhead_share=(1 - (train + evaluation) / wall) if workers == 1 and wall > 0 and mine else None,
         interrupted=interrupted,
+        crashed_workers=crashed,
     )
     finish_study(
         tracking,
@@ -717,6 +740,24 @@ def run_study(
     if interrupted:
         raise KeyboardInterrupt
     return summary
+
+
+def _start_warm_up(spec: StudySpec) -> threading.Thread:
+    """Load the base model and the training/evaluation stacks while the stores are set up (MLflow's
+    schema creation alone takes seconds). A failure here is ignored: the first trial meets it again and
+    reports it properly."""
+
+    def warm() -> None:
+        try:
+            from harness.trial import warm_up
+
+            warm_up(spec)
+        except BaseException:  # noqa: BLE001
+            pass
+
+    thread = threading.Thread(target=warm, name="warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def _install_sigterm():

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from harness.spec import StudySpec
     from harness.tracking import TrialRun
 
-__all__ = ["TrialContext", "run_trial"]
+__all__ = ["TrialContext", "reset_process_state", "run_trial", "warm_up"]
 
 # Dev-set evaluations that feed the pruner, per trial (at evenly spaced optimizer steps).
 PRUNING_REPORTS = 4
@@ -318,6 +318,16 @@ def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float
         "generated_tokens": int(result.generated_tokens),
         "train_steps": int(result.steps),
     }
+
+
+def warm_up(spec: StudySpec) -> None:
+    """Load what every trial of this process needs (base model, training examples, the training and
+    evaluation stacks) ahead of time; the runner calls it in a thread while it sets up the stores."""
+    _base_model(spec)
+    if spec.data.train:
+        _train_examples(spec)
+    import harness.evaluation.lmeval  # noqa: F401  (lm-eval's import takes seconds)
+    import unisd_components.trainer  # noqa: F401
 
 
 def reset_process_state() -> None:

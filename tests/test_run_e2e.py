@@ -116,7 +116,8 @@ def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path):
             except Exception:  # the study is still being created
                 trials = []
             done = [t for t in trials if t.state == TrialState.COMPLETE]
-            busy = [t for t in trials if t.state == TrialState.RUNNING]
+            # in the middle of a trial: claimed and its MLflow run open (training or evaluating)
+            busy = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
             if done and busy:
                 running = busy[0].number
                 break
@@ -138,6 +139,7 @@ def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path):
     assert [t.state for t in trials.values()].count(TrialState.FAIL) == 1
     statuses = {r.info.run_id: r.info.status for r in get_runs(spec)}
     assert statuses[trials[running].user_attrs["mlflow_run_id"]] == "KILLED"
+    assert "RUNNING" not in statuses.values(), "no MLflow run left open"
 
 
 def test_two_workers_never_run_a_point_twice(tmp_path):
