@@ -232,12 +232,14 @@ class _StepCallback:
 
 
 def _dev_metric(spec: StudySpec) -> str:
-    """The objective when the dev benchmarks (the training ones) can measure it, else their mean accuracy."""
-    metric = spec.search.objectives[0].metric
+    """The objective when the dev benchmarks (the training ones) can measure it; else a stand-in with the
+    same direction (the pruner compares values in the study's direction): mean accuracy, or PPL fit."""
+    objective = spec.search.objectives[0]
+    metric = objective.metric
     bench = metric.split(".", 1)[0]
     if metric in ("mean.acc", "ppl_fit") or bench in spec.data.train:
         return metric
-    return "mean.acc"
+    return "mean.acc" if objective.direction == "maximize" else "ppl_fit"
 
 
 def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float]:

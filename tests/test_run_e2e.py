@@ -186,3 +186,41 @@ def test_a_diverging_trial_fails_with_its_reason_while_the_others_complete(tmp_p
     runs = {r.info.run_id: r for r in get_runs(spec)}
     failed = [runs[t.user_attrs["mlflow_run_id"]] for t in trials if t.state == TrialState.FAIL]
     assert all(r.info.status == "FAILED" and "non-finite" in r.data.tags["fail_reason"] for r in failed)
+
+
+SEARCH = """
+name: search
+model: {ref: tiny-random:llama, dtype: float32, device: cpu}
+data: {train: [scienceqa], train_size: 8, dev_size: 2, data_dir: DATA}
+method:
+  baselines: [base]
+  components: [ema]
+  subsets: [[ema]]
+  ema:
+    beta: {type: float, low: 0.5, high: 0.99}
+seeds: [0, 1]
+training: {max_steps: 2, batch_size: 4, max_prompt_tokens: 256, max_completion_tokens: 8}
+evaluation: {benchmarks: [scienceqa], limit: 2, batch_size: 2, max_gen_tokens: 8}
+search: {sampler: tpe, n_trials: 2, pruner: median}
+output_dir: OUT
+"""
+
+
+def test_search_with_pruning_reports_dev_metrics_and_reuses_the_base_evaluation(tmp_path):
+    path = tmp_path / "search.yaml"
+    path.write_text(
+        SEARCH.replace("OUT", str(tmp_path / "out")).replace("DATA", os.environ["UNISD_DATA_DIR"])
+    )
+    spec = load_spec(path)
+    out = _finish(_harness("run", str(path), "--no-report", cwd=tmp_path))
+    trials = sorted(_trials(spec), key=lambda t: t.number)
+    assert [t.user_attrs["variant"] for t in trials[:2]] == ["base", "base"], "baselines first, one per seed"
+    assert "reused from trial 0" in out, "the second base point reuses the first one's evaluation"
+    assert trials[1].values == trials[0].values
+    searched = trials[2:]
+    assert len(searched) == 2 and all("ema.beta" in t.params for t in searched)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in searched)
+    runs = {r.info.run_id: r for r in get_runs(spec)}
+    for t in searched:
+        assert t.intermediate_values, "the dev metric was reported to the pruner"
+        assert "dev.mean.acc" in runs[t.user_attrs["mlflow_run_id"]].data.metrics
