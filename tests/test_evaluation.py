@@ -128,3 +128,33 @@ def test_cli_eval_tiny(tmp_path, data_dir, capsys):
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     assert 0.0 <= metrics["cos_e.acc"] <= 1.0
     assert (tmp_path / "samples.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_all_six_benchmarks(tmp_path, data_dir):
+    """A real instruct model through every task: chat template, stop sequences, sandbox, tool-call parsing."""
+    from harness.data import BENCHMARKS
+    from harness.models import BUNDLED_SMOLLM2, load_model
+
+    model, tok = load_model(BUNDLED_SMOLLM2, device="cpu")
+    result = evaluate_model(
+        model, tok, list(BENCHMARKS), limit=2, batch_size=4, output_dir=tmp_path, data_dir=data_dir,
+        max_gen_tokens=48,
+    )  # fmt: skip
+    m = result.metrics
+    for name, spec in BENCHMARKS.items():
+        key = f"{name}.pass_at_1" if spec.kind == "code" else f"{name}.acc"
+        assert 0.0 <= m[key] <= 1.0 and m[f"{name}.n"] == 2
+    assert 1.0 < m["ppl_fit"] < 100.0  # an instruct model fits gold answers far better than chance
+    rows = [json.loads(line) for line in result.samples_path.read_text().splitlines()]
+    assert len(rows) == 2 * len(BENCHMARKS)
+    assert all(
+        r["prompt"].endswith("<|im_start|>assistant\n")
+        for r in rows
+        if r["benchmark"] not in ("mbpp", "humaneval")
+    )
+    assert all(
+        r["prompt"].endswith("<|im_start|>assistant\n```python\n")
+        for r in rows
+        if r["benchmark"] in ("mbpp", "humaneval")
+    )

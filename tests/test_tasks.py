@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from harness.data import BENCHMARKS, load_benchmark
+from harness.data.prompts import MC_INSTRUCTION
 from harness.evaluation.retention import render_prompt
 from harness.evaluation.tasks import TASKS_DIR
-from harness.evaluation.tasks._common import CODE_PREFIX, sandbox_filter
+from harness.evaluation.tasks._common import CODE_PREFIX, LL_INSTRUCTION, sandbox_filter
 
 LIMIT = 4
 ALL_TASKS = [f"unisd_{b}" for b in BENCHMARKS] + [
@@ -50,12 +51,15 @@ def test_docs_are_the_data_layer_examples(loaded_tasks, task, data_dir):
     docs = list(lm_task.test_docs())
     assert [d["id"] for d in docs] == [ex.id for ex in examples]
     for doc, ex in zip(docs, examples, strict=True):
-        assert lm_task.doc_to_text(doc) == ex.prompt_text()
         if task.endswith("_ll"):
+            # Same prompt, asking for the option's text instead of an explanation and a letter.
+            assert lm_task.doc_to_text(doc) == ex.prompt_text().replace(MC_INSTRUCTION, LL_INSTRUCTION)
+            assert lm_task.doc_to_text(doc) != ex.prompt_text()
             choices = lm_task.doc_to_choice(doc)
             assert choices == list(ex.choices)  # the option texts, not letters
             assert "ABCDEFGHIJ"[lm_task.doc_to_target(doc)] == ex.answer
         else:
+            assert lm_task.doc_to_text(doc) == ex.prompt_text()
             assert lm_task.doc_to_target(doc) == ex.answer
 
 

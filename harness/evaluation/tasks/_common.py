@@ -21,6 +21,7 @@ from typing import Any
 
 __all__ = [
     "CODE_PREFIX",
+    "LL_INSTRUCTION",
     "doc_from_example",
     "load_docs",
     "process_code",
@@ -33,6 +34,7 @@ __all__ = [
 # generation stops at the closing fence: the canonical answer format, without the wasted tokens.
 CODE_PREFIX = "```python\n"
 _SANDBOX_TIMEOUT = 10.0
+LL_INSTRUCTION = "Answer with the text of the correct option."
 
 
 def _option(metadata: dict[str, Any], key: str, env: str, default: Any = None) -> Any:
@@ -44,17 +46,21 @@ def _option(metadata: dict[str, Any], key: str, env: str, default: Any = None) -
 
 def doc_from_example(example) -> dict[str, Any]:
     """One flat, Arrow-friendly doc per :class:`harness.data.Example`."""
-    from harness.data.prompts import LETTERS
+    from harness.data.prompts import LETTERS, MC_INSTRUCTION
 
     # A system message (the data layer writes none today) is kept by folding it into the user text:
     # lm-eval has one system instruction per run, not one per doc.
     prompt = "\n\n".join(m["content"] for m in example.messages if m["role"] in ("system", "user"))
     target_index = LETTERS.index(example.answer) if example.kind == "multiple_choice" else -1
+    # Log-likelihood scoring continues the prompt with an option's text: ask for exactly that, instead of
+    # the generative "explain, then end with The answer is (X)" instruction.
+    prompt_ll = prompt.replace(MC_INSTRUCTION, LL_INSTRUCTION) if example.kind == "multiple_choice" else ""
     return {
         "id": example.id,
         "benchmark": example.benchmark,
         "kind": example.kind,
         "prompt": prompt,
+        "prompt_ll": prompt_ll,
         "demonstration": example.demonstration,
         "answer": example.answer,
         "choices": list(example.choices),
