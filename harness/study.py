@@ -518,8 +518,10 @@ def _worker_loop(args: _WorkerArgs, progress: StudyProgress) -> int:
             study._storage.set_trial_user_attr(trial._trial_id, "owner", _owner_record())
             key = trial.user_attrs.get("point_key")
             point = points.get(key)
-            if point is None:
-                study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", f"unknown point {key!r}")
+            duplicate = _duplicate_of(study, trial.number, key)
+            if point is None or duplicate is not None:
+                reason = f"unknown point {key!r}" if point is None else f"duplicate of trial {duplicate}"
+                study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
                 study.tell(trial, state=_fail_state())
                 continue
         elif _search_budget_left(study, spec, args.started_at):
@@ -535,6 +537,24 @@ def _worker_loop(args: _WorkerArgs, progress: StudyProgress) -> int:
             heartbeat.stop()
         ran += 1
         progress.study_advance(_finished_count(study))
+
+
+def _duplicate_of(study: optuna.Study, number: int, key: str | None) -> int | None:
+    """Another trial of the same fixed point that is done, or queued/running ahead of this one.
+
+    Two ``harness run`` started at once on different machines may both enqueue a missing point; the
+    lower trial number wins, so a point still runs exactly once.
+    """
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False):
+        if t.number == number or not t.user_attrs.get("fixed") or t.user_attrs.get("point_key") != key:
+            continue
+        if t.state == TrialState.COMPLETE or (
+            t.state in (TrialState.RUNNING, TrialState.WAITING) and t.number < number
+        ):
+            return t.number
+    return None
 
 
 def _fail_state():

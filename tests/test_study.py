@@ -389,3 +389,22 @@ def test_staleness_uses_the_pid_here_and_the_heartbeat_elsewhere():
     assert not _is_stale(running({"owner": elsewhere, "heartbeat": time.time()}))
     assert _is_stale(running({"owner": elsewhere, "heartbeat": time.time() - HEARTBEAT_STALE_S - 1}))
     assert not _is_stale(running({})), "just claimed, owner not written yet"
+
+
+def test_a_point_enqueued_twice_still_runs_once(tmp_path):
+    """Two `harness run` on two machines may both enqueue a missing point: the lower trial number wins."""
+    from harness.plan import grid_points, point_key
+    from harness.study import load_study, resolve_storage
+
+    spec, _ = _spec(tmp_path)
+    spec.output_path.mkdir(parents=True)
+    study = load_study(spec, resolve_storage(spec), create=True)
+    first = grid_points(spec)[0]
+    for _ in range(2):
+        study.enqueue_trial({}, user_attrs={"point_key": point_key(first), "fixed": True})
+    run_study(spec, trial_fn=fake_trial)
+    trials = _trials(spec)
+    same = [t for t in trials if t.user_attrs["point_key"] == point_key(first)]
+    assert [t.state for t in same] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert same[1].user_attrs["fail_reason"] == f"duplicate of trial {same[0].number}"
+    assert sorted(_calls(spec)) == sorted(point_key(p) for p in grid_points(spec))
