@@ -399,3 +399,18 @@ def test_unisd_star_trains_on_bundled_smollm2_with_lora(data_dir, tmp_path):
     params = dict(model.named_parameters())
     assert any(not torch.equal(adapters[n], params[n]) for n in adapters)
     assert list((tmp_path).glob("negatives-*.json")) and list((tmp_path).glob("embeddings-*.npy"))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_learning_rate_schedule_warms_up_then_decays(schedule):
+    from unisd_components.trainer import _schedule
+
+    factor = _schedule(TrainingConfig(warmup_ratio=0.2, schedule=schedule), total_steps=10)
+    values = [factor(step) for step in range(10)]
+    assert values[0] < values[1] < values[2] == 1.0  # 2 warm-up steps, then the peak
+    if schedule == "constant":
+        assert values[2:] == [1.0] * 8
+    else:
+        assert all(a >= b for a, b in zip(values[2:], values[3:], strict=False)) and values[-1] < 0.2
+    if schedule == "cosine":
+        assert values[6] == pytest.approx(0.5)  # halfway through the decay

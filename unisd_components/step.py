@@ -148,7 +148,7 @@ def sample_completions(
 
 @dataclass
 class _Rows:
-    """Teacher rows of one micro-batch: context token lists, the batch example each row scores, temps."""
+    """Rows to score: each row's context tokens and the batch example whose completion it carries."""
 
     contexts: list[list[int]]
     batch_index: list[int]
@@ -207,10 +207,12 @@ class StepRunner:
         ``max_completion_tokens``; pad after), the bool mask of real tokens (by length, since the pad id
         may equal EOS) and the lengths."""
         limit = self.training.max_completion_tokens
+        # The end-of-turn token the chat template uses (Qwen: <|im_end|>, not <|endoftext|>).
+        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.eos_ids[0]
         rows = []
         for ex in examples:
             ids = list(self.tokenizer(ex.demonstration, add_special_tokens=False)["input_ids"])
-            rows.append(ids[:limit] if len(ids) >= limit else ids + [self.eos_ids[0]])
+            rows.append(ids[:limit] if len(ids) >= limit else ids + [eos])
         width = max(len(r) for r in rows)
         tokens = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.bool)

@@ -123,33 +123,36 @@ def _train(model, tokenizer, examples, variant, training, cache_dir, callback, t
             component.setup(ctx)
     setup_seconds = time.perf_counter() - setup_start
 
-    teacher = base = None
-    if variant.method != "sft":
-        teacher = make_teacher(model, ema=any(c.needs_ema_teacher for c in components))
-    if variant.kl_to_base_beta > 0:
-        frozen_teacher = teacher is not None and not any(c.needs_ema_teacher for c in components)
-        base = teacher if frozen_teacher else make_teacher(model, ema=False, name="unisd_base")
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameter (frozen model, or LoRA without adapters?)")
-    optimizer = _adamw(params, training)
-    micro_per_epoch = math.ceil(len(examples) / training.batch_size)
-    total_steps = training.max_steps or max(
-        1, math.ceil(training.epochs * micro_per_epoch / training.grad_accum)
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(training, total_steps))
-    runner = StepRunner(model, tokenizer, variant, training, components, teacher, base, timer, training.seed)
-    batches = _batches(examples, training.batch_size, training.seed)
-
-    checkpointing = training.gradient_checkpointing
-    if checkpointing:
-        _set_checkpointing(model, True)
     history: list[dict[str, float]] = []
     generated = 0
     was_training = model.training
-    model.train()
-    try:
+    checkpointing = False
+    try:  # from here on the model may carry trainer adapters (LoRA teachers): always removed below
+        teacher = base = None
+        if variant.method != "sft":
+            teacher = make_teacher(model, ema=any(c.needs_ema_teacher for c in components))
+        if variant.kl_to_base_beta > 0:
+            frozen_teacher = teacher is not None and not any(c.needs_ema_teacher for c in components)
+            base = teacher if frozen_teacher else make_teacher(model, ema=False, name="unisd_base")
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameter (frozen model, or LoRA without adapters?)")
+        optimizer = _adamw(params, training)
+        micro_per_epoch = math.ceil(len(examples) / training.batch_size)
+        total_steps = training.max_steps or max(
+            1, math.ceil(training.epochs * micro_per_epoch / training.grad_accum)
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(training, total_steps))
+        runner = StepRunner(
+            model, tokenizer, variant, training, components, teacher, base, timer, training.seed
+        )
+        batches = _batches(examples, training.batch_size, training.seed)
+
+        if training.gradient_checkpointing:
+            _set_checkpointing(model, True)
+            checkpointing = True
+        model.train()
         for step in range(1, total_steps + 1):
             before = dict(timer.seconds)
             sums: dict[str, float] = {}
