@@ -19,6 +19,18 @@ optimizer step (optimizer).
 Note the teachers differ by design: SDFT's teacher reads prompt + gold demonstration + instruction
 (~1.5x the prompt), TRL's reads the bare prompt (plain distillation has no demonstration context).
 
+Measured 2026-11-29 on the shared 2-core CPU box (``--threads 1 --steps 2 --rounds 2``), median s/step:
+
+    method       generation  teacher  student  optimizer  total
+    sdft              12.17     3.15     4.69       0.43  20.46
+    unisd_star        11.81    20.28     3.65       0.42  35.94
+    trl               12.72     2.64    10.00       0.42  26.57
+
+sdft / trl = 0.77 (target met). unisd_star / sdft = 1.76 (target 1.5 missed): UniSD*'s teacher phase
+scores 5 rows per prompt (demonstration context, K=3 few-shot contexts with a donor each, the negative
+context), ~1790 context+completion tokens against SDFT's ~280, at the same cost per token (2.8 ms), so
+on a compute-bound CPU the teacher phase is 6.4x SDFT's. Generation and the student step are unchanged.
+
 Run: ``python benchmarks/step_time.py [--steps 3] [--rounds 2] [--model bundled:smollm2-135m-instruct]``
 (needs the bench extra: ``pip install trl``). Takes several minutes on a laptop CPU.
 """

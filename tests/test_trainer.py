@@ -414,3 +414,13 @@ def test_learning_rate_schedule_warms_up_then_decays(schedule):
         assert all(a >= b for a, b in zip(values[2:], values[3:], strict=False)) and values[-1] < 0.2
     if schedule == "cosine":
         assert values[6] == pytest.approx(0.5)  # halfway through the decay
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_agreement_with_induced_instructions(level, tiny_model_and_tokenizer, cache_dir):
+    model, tok = tiny_model_and_tokenizer
+    variant = VariantConfig(agreement=AgreementConfig(k=2, strategy="induction", level=level))
+    result = train_variant(model, tok, _examples(), variant, TRAINING, cache_dir=cache_dir)
+    assert result.steps == 2 and all(math.isfinite(r["loss"]) for r in result.history)
+    assert 0 < result.history[-1]["agreement_weight_min"] <= 1
+    assert list(cache_dir.glob("instructions-*.json"))
