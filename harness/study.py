@@ -683,7 +683,11 @@ def run_study(
     spec = spec.with_overrides(output_dir=output_dir, storage=storage)
     if dry_run:
         return StudySummary(
-            spec.name, spec.storage_url, str(spec.output_path), dry_run=True, plan=describe_plan(spec)
+            spec.name,
+            spec.storage_url,
+            str(spec.output_path),
+            dry_run=True,
+            plan=format_plan(describe_plan(spec)),
         )
     started_wall = time.time()
     t0 = time.perf_counter()
