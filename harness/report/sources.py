@@ -91,14 +91,13 @@ def report_for_study(spec, *, out_dir: str | Path | None = None, log_artifacts: 
     kind = "ablation" if spec.search.sampler == "grid" else "search"
     study = None
     if kind == "search":
-        import optuna
+        from harness.study import load_study, resolve_storage
 
+        url = resolve_storage(spec)  # SQLite, a --workers journal file, or a server URL
         try:
-            study = optuna.load_study(study_name=spec.name, storage=spec.storage_url)
+            study = load_study(spec, url, create=False)
         except Exception as err:  # a missing or foreign storage must not cost the whole report
-            raise HarnessError(
-                f"study {spec.name!r}: cannot open the Optuna study at {spec.storage_url} ({err})"
-            ) from None
+            raise HarnessError(f"study {spec.name!r}: cannot open the Optuna study at {url} ({err})") from None
     files = build_report(
         df,
         components=components,
