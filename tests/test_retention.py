@@ -151,9 +151,29 @@ def test_base_completions_cached_per_base_model(tiny_model_and_tokenizer, tmp_pa
     # A cached entry is used as is: replace it and the reverse score must follow the cache.
     forced = {ex.id: [100, 200, 300] for ex in examples}
     files[0].write_text(json.dumps(forced))
-    got = retention(base, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path)
+    variant = _perturbed(base)
+    got = retention(variant, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path)
     prompts = [_prompt_ids(tok, ex) for ex in examples]
-    assert got["ppl_ret_reverse"] == pytest.approx(_slow_ppl(base, prompts, list(forced.values())), rel=1e-4)
+    assert got["ppl_ret_reverse"] == pytest.approx(
+        _slow_ppl(variant, prompts, list(forced.values())), rel=1e-4
+    )
     other = _perturbed(base, 0.2)
     retention(other, other, tok, examples, max_new_tokens=4, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("base-completions-*.json"))) == 2  # different weights, own cache file
+
+
+def test_base_evaluation_seeds_the_cache_with_its_own_completions(tiny_model_and_tokenizer, tmp_path):
+    """Evaluating the base model hands its (lm-eval) completions to the cache: no second generation."""
+    base, tok = tiny_model_and_tokenizer
+    examples = _examples()
+    own = [[11, 12, 13], [21, 22], [31]]
+    got = retention(base, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path, completions=own)
+    prompts = [_prompt_ids(tok, ex) for ex in examples]
+    assert got["ppl_ret"] == pytest.approx(_slow_ppl(base, prompts, own), rel=1e-4)
+    assert got["ppl_ret_reverse"] == pytest.approx(got["ppl_ret"], rel=1e-6)
+    assert got["ret_jsd"] == 0.0
+    (cache_file,) = tmp_path.glob("base-completions-*.json")
+    assert json.loads(cache_file.read_text()) == {ex.id: c for ex, c in zip(examples, own, strict=True)}
+    variant = _perturbed(base)
+    later = retention(variant, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path)
+    assert later["ppl_ret_reverse"] == pytest.approx(_slow_ppl(variant, prompts, own), rel=1e-4)

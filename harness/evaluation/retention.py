@@ -224,8 +224,15 @@ def _cached_base_completions(
     max_new_tokens: int,
     batch_size: int,
     cache_dir: Path | None,
+    known: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
-    """Base greedy completions, read from / added to one JSON file per (base model, benchmark)."""
+    """Base greedy completions, read from / added to one JSON file per (base model, benchmark).
+
+    ``known``: the base model's own greedy completions when the caller has them (evaluating the base
+    model itself): they fill the cache instead of a second generation pass.
+    """
+    if cache_dir is None and known is not None:
+        return [list(c) for c in known]
     if cache_dir is None:
         return greedy_completions(
             base_model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
@@ -244,12 +251,16 @@ def _cached_base_completions(
             result[i] = by_file[path][ex.id]
     missing = [i for i, r in enumerate(result) if r is None]
     if missing:
-        fresh = greedy_completions(
-            base_model,
-            tokenizer,
-            [prompts[i] for i in missing],
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
+        fresh = (
+            [known[i] for i in missing]
+            if known is not None
+            else greedy_completions(
+                base_model,
+                tokenizer,
+                [prompts[i] for i in missing],
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+            )
         )
         touched = set()
         for i, tokens in zip(missing, fresh, strict=True):
@@ -292,13 +303,23 @@ def retention(
         completions = greedy_completions(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
         )
-    forward = score_completions(
-        base_model, tokenizer, prompts, completions, batch_size=batch_size, other_model=model
-    )
-    base_completions = _cached_base_completions(
-        base_model, tokenizer, examples, prompts, max_new_tokens, batch_size, cache_dir
-    )
-    reverse = score_completions(model, tokenizer, prompts, base_completions, batch_size=batch_size)
+    if model is base_model:
+        # The base model against itself: one scoring pass; its completions are the base completions
+        # every later variant's reverse direction needs, so they seed the cache.
+        forward = score_completions(base_model, tokenizer, prompts, completions, batch_size=batch_size)
+        forward["jsd"] = [torch.zeros(len(t)) for t in forward["token_logprobs"]]
+        _cached_base_completions(
+            base_model, tokenizer, examples, prompts, max_new_tokens, batch_size, cache_dir, known=completions
+        )
+        reverse = forward
+    else:
+        forward = score_completions(
+            base_model, tokenizer, prompts, completions, batch_size=batch_size, other_model=model
+        )
+        base_completions = _cached_base_completions(
+            base_model, tokenizer, examples, prompts, max_new_tokens, batch_size, cache_dir
+        )
+        reverse = score_completions(model, tokenizer, prompts, base_completions, batch_size=batch_size)
     forward_ppl = _per_prompt_ppl(forward["token_logprobs"])
     reverse_ppl = _per_prompt_ppl(reverse["token_logprobs"])
     jsd_tokens = [t for t in forward["jsd"] if t.numel() > 0]
