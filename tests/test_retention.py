@@ -177,3 +177,17 @@ def test_base_evaluation_seeds_the_cache_with_its_own_completions(tiny_model_and
     variant = _perturbed(base)
     later = retention(variant, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path)
     assert later["ppl_ret_reverse"] == pytest.approx(_slow_ppl(variant, prompts, own), rel=1e-4)
+
+
+def test_ppl_fit_shared_with_retention_equals_the_separate_pass(tiny_model_and_tokenizer, tmp_path):
+    """One prompt pass serving completions, base completions and golds gives the separate passes' numbers."""
+    base, tok = tiny_model_and_tokenizer
+    model = _perturbed(base)
+    examples = _examples()
+    shared = retention(
+        model, base, tok, examples, max_new_tokens=5, cache_dir=tmp_path, batch_size=2, with_ppl_fit=True
+    )
+    alone = retention(model, base, tok, examples, max_new_tokens=5, cache_dir=tmp_path, batch_size=3)
+    assert shared["ppl_fit"] == pytest.approx(ppl_fit(model, tok, examples, batch_size=1), rel=1e-4)
+    for key in ("ppl_ret", "ret_jsd", "ppl_ret_reverse"):
+        assert shared[key] == pytest.approx(alone[key], rel=1e-4, abs=1e-7), key

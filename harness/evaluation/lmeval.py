@@ -18,6 +18,7 @@ Why these choices (integration-notes.md, lm-eval section):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -208,6 +209,9 @@ def evaluate_model(
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "lm_eval_cache").mkdir(exist_ok=True)
 
+    # lm-eval warns on every call about in-memory models and task metadata, which is how we use it on
+    # purpose; its progress bars stay.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_gen_toks=max_gen_tokens)
     task_manager = TaskManager(
         include_path=str(TASKS_DIR),
@@ -246,9 +250,10 @@ def evaluate_model(
             for b in benchmarks
             for ex in load_benchmark(b, split, data_dir=data_dir, limit=limit, seed=seed)
         ]
-        if ppl_fit:
+        with_retention = retention and base_model is not None
+        if ppl_fit and not with_retention:
             metrics["ppl_fit"] = retention_mod.ppl_fit(model, tokenizer, examples, batch_size=batch_size)
-        if retention and base_model is not None:
+        if with_retention:
             texts = _generated_completions(samples, tasks, examples)
             completions = (
                 [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -265,6 +270,7 @@ def evaluate_model(
                     cache_dir=cache_dir,
                     batch_size=batch_size,
                     completions=completions,
+                    with_ppl_fit=ppl_fit,  # the gold demonstrations share the prompts' forward pass
                 )
             )
     seconds = time.perf_counter() - start

@@ -21,7 +21,9 @@ never re-tokenized. Empty completions are skipped (no tokens to score). Everythi
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -30,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import LlamaForCausalLM
 
 __all__ = ["greedy_completions", "ppl_fit", "render_prompt", "retention", "score_completions"]
 
@@ -80,25 +83,64 @@ def _left_padded(
     return ids.to(device), mask.to(device), positions.to(device)
 
 
+# transformers renamed the forward's ``past_key_values`` to ``cache`` (the old name goes in 5.40).
+_CACHE_KWARG = (
+    "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+)
+
+
 def _completion_logprobs(
-    model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
-) -> list[torch.Tensor]:
+    model,
+    prompts: Sequence[Sequence[int]],
+    completion_sets: Sequence[Sequence[Sequence[int]]],
+    pad_id: int,
+) -> list[list[torch.Tensor]]:
     """Full-vocabulary fp32 log-probabilities at each completion token's prediction position.
 
-    Sequences are left-padded so every completion ends at the right edge: the logits of the last
-    ``max completion length + 1`` positions cover all of them (``logits_to_keep``), not the prompt's.
-    Returns one ``[len(completion), vocab]`` tensor per row.
+    ``completion_sets``: one or more continuations per prompt (e.g. the model's own completion, the base
+    model's, the gold demonstration). The left-padded prompts run ONCE; their KV cache then serves every
+    set (on a CPU the prompt is most of the cost). The last prompt position predicts each completion's
+    first token; a set's continuation pass (right-padded, positions continuing each row's real length)
+    predicts the rest, so logits are computed only where completion tokens are predicted.
+    Returns, per set, one ``[len(completion), vocab]`` tensor per row.
     """
-    full = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
-    ids, mask, positions = _left_padded(full, pad_id, _device(model))
-    keep = max(len(c) for c in completions) + 1
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-    logits = logits[:, -keep:-1, :].float()  # position j predicts token j + 1
-    out = []
-    for row, completion in enumerate(completions):
-        n = len(completion)
-        out.append(F.log_softmax(logits[row, keep - 1 - n :], dim=-1))
-    return out
+    ids, mask, positions = _left_padded(prompts, pad_id, _device(model))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1, :].float()  # predicts token 0 of every completion
+    cache = out.past_key_values
+    lengths = mask.sum(-1, keepdim=True)
+    results: list[list[torch.Tensor]] = []
+    for index, completions in enumerate(completion_sets):
+        width = max((len(c) for c in completions), default=0) - 1  # the last token predicts nothing
+        rest = None
+        if width > 0:
+            cont = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+            cont_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+            for row, completion in enumerate(completions):
+                if len(completion) > 1:
+                    cont[row, : len(completion) - 1] = torch.tensor(list(completion)[:-1], dtype=torch.long)
+                    cont_mask[row, : len(completion) - 1] = 1
+            device = ids.device
+            # The cache grows in place: every set but the last continues from a copy of the prompt's.
+            set_cache = cache if index == len(completion_sets) - 1 else copy.deepcopy(cache)
+            rest = model(
+                input_ids=cont.to(device),
+                attention_mask=torch.cat([mask, cont_mask.to(device)], dim=-1),
+                position_ids=lengths + torch.arange(width, device=device)[None, :],
+                **{_CACHE_KWARG: set_cache},
+                use_cache=True,
+            ).logits.float()
+        rows = []
+        for row, completion in enumerate(completions):
+            n = len(completion)
+            logits = (
+                first[row : row + 1]
+                if rest is None
+                else torch.cat([first[row : row + 1], rest[row, : n - 1]])
+            )
+            rows.append(F.log_softmax(logits[:n], dim=-1))
+        results.append(rows)
+    return results
 
 
 def _batches(order: list[int], batch_size: int):
@@ -130,9 +172,9 @@ def score_completions(
     for batch in _batches(rows, batch_size):
         batch_prompts = [prompts[i] for i in batch]
         batch_completions = [completions[i] for i in batch]
-        logps = _completion_logprobs(model, batch_prompts, batch_completions, pad_id)
+        (logps,) = _completion_logprobs(model, batch_prompts, [batch_completions], pad_id)
         others = (
-            _completion_logprobs(other_model, batch_prompts, batch_completions, pad_id)
+            _completion_logprobs(other_model, batch_prompts, [batch_completions], pad_id)[0]
             if other_model is not None
             else None
         )
@@ -195,10 +237,18 @@ def ppl_fit(model, tokenizer, examples: Sequence, *, batch_size: int = 8) -> flo
     if not examples:
         raise ValueError("ppl_fit needs at least one example")
     prompts = [_prompt_ids(tokenizer, ex.messages) for ex in examples]
-    golds = [tokenizer(ex.demonstration, add_special_tokens=False)["input_ids"] for ex in examples]
-    scored = score_completions(model, tokenizer, prompts, golds, batch_size=batch_size)["token_logprobs"]
-    total = torch.cat([lp for lp in scored if lp.numel() > 0])
-    return math.exp(-float(total.mean()))
+    scored = score_completions(
+        model, tokenizer, prompts, _gold_ids(tokenizer, examples), batch_size=batch_size
+    )
+    return _token_weighted_ppl(scored["token_logprobs"])
+
+
+def _gold_ids(tokenizer, examples: Sequence) -> list[list[int]]:
+    return [tokenizer(ex.demonstration, add_special_tokens=False)["input_ids"] for ex in examples]
+
+
+def _token_weighted_ppl(token_logprobs: Sequence[torch.Tensor]) -> float:
+    return math.exp(-float(torch.cat([lp for lp in token_logprobs if lp.numel() > 0]).mean()))
 
 
 def model_fingerprint(model) -> str:
@@ -279,6 +329,35 @@ def _cached_base_completions(
     return [r if r is not None else [] for r in result]
 
 
+@torch.inference_mode()
+def _scores_by_set(
+    model, base_model, tokenizer, prompts, sets: list[Sequence[Sequence[int]]], batch_size: int
+) -> tuple[list[list[torch.Tensor]], list[torch.Tensor], list[torch.Tensor]]:
+    """Sampled-token log-probs of every set under ``model``, of ``sets[0]`` under ``base_model``, and the
+    per-token JSD between the two on ``sets[0]``. Each model runs each prompt once for all its sets."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    n_rows = len(prompts)
+    model_lp = [[torch.zeros(0)] * n_rows for _ in sets]
+    base_lp, jsd = [torch.zeros(0)] * n_rows, [torch.zeros(0)] * n_rows
+    order = sorted(range(n_rows), key=lambda i: len(prompts[i]))
+    for batch in _batches(order, batch_size):
+        batch_prompts = [prompts[i] for i in batch]
+        batch_sets = [[s[i] for i in batch] for s in sets]
+        ours = _completion_logprobs(model, batch_prompts, batch_sets, pad_id)
+        same = model is base_model
+        base = ours[0] if same else _completion_logprobs(base_model, batch_prompts, batch_sets[:1], pad_id)[0]
+        for k, row in enumerate(batch):
+            for index, completions in enumerate(batch_sets):
+                target = torch.tensor(list(completions[k]), dtype=torch.long, device=ours[index][k].device)
+                model_lp[index][row] = ours[index][k].gather(-1, target[:, None])[:, 0].cpu()
+            target = torch.tensor(list(batch_sets[0][k]), dtype=torch.long, device=base[k].device)
+            base_lp[row] = base[k].gather(-1, target[:, None])[:, 0].cpu()
+            jsd[row] = (
+                torch.zeros(len(target)) if same else _jsd(ours[0][k], base[k].to(ours[0][k].device)).cpu()
+            )
+    return model_lp, base_lp, jsd
+
+
 def retention(
     model,
     base_model,
@@ -289,12 +368,16 @@ def retention(
     cache_dir: Path | None = None,
     batch_size: int = 8,
     completions: Sequence[Sequence[int]] | None = None,
+    with_ppl_fit: bool = False,
 ) -> dict[str, float]:
-    """``{"ppl_ret", "ret_jsd", "ppl_ret_reverse"}`` of ``model`` against ``base_model`` on ``examples``.
+    """``{"ppl_ret", "ret_jsd", "ppl_ret_reverse"}`` of ``model`` against ``base_model`` on ``examples``
+    (plus ``ppl_fit`` with ``with_ppl_fit``: the gold demonstrations share the prompts' forward pass).
 
     Both models must share ``tokenizer`` (and its vocabulary). ``completions``: the evaluated model's
     greedy completions as token ids, when the caller already has them (saves one generation pass);
     otherwise they are generated here. Prompts whose completion is empty are left out of the means.
+    Evaluating the base model against itself scores once, and its completions seed the base-completion
+    cache that every later variant's reverse direction reads.
     """
     if not examples:
         raise ValueError("retention needs at least one example")
@@ -303,28 +386,29 @@ def retention(
         completions = greedy_completions(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
         )
-    if model is base_model:
-        # The base model against itself: one scoring pass; its completions are the base completions
-        # every later variant's reverse direction needs, so they seed the cache.
-        forward = score_completions(base_model, tokenizer, prompts, completions, batch_size=batch_size)
-        forward["jsd"] = [torch.zeros(len(t)) for t in forward["token_logprobs"]]
-        _cached_base_completions(
-            base_model, tokenizer, examples, prompts, max_new_tokens, batch_size, cache_dir, known=completions
-        )
-        reverse = forward
-    else:
-        forward = score_completions(
-            base_model, tokenizer, prompts, completions, batch_size=batch_size, other_model=model
-        )
-        base_completions = _cached_base_completions(
-            base_model, tokenizer, examples, prompts, max_new_tokens, batch_size, cache_dir
-        )
-        reverse = score_completions(model, tokenizer, prompts, base_completions, batch_size=batch_size)
-    forward_ppl = _per_prompt_ppl(forward["token_logprobs"])
-    reverse_ppl = _per_prompt_ppl(reverse["token_logprobs"])
-    jsd_tokens = [t for t in forward["jsd"] if t.numel() > 0]
-    return {
+    same = model is base_model
+    base_completions = _cached_base_completions(
+        base_model,
+        tokenizer,
+        examples,
+        prompts,
+        max_new_tokens,
+        batch_size,
+        cache_dir,
+        known=completions if same else None,
+    )
+    sets: list[Sequence[Sequence[int]]] = [completions] + ([] if same else [base_completions])
+    if with_ppl_fit:
+        sets.append(_gold_ids(tokenizer, examples))
+    model_lp, base_lp, jsd = _scores_by_set(model, base_model, tokenizer, prompts, sets, batch_size)
+    forward_ppl = _per_prompt_ppl(base_lp)
+    reverse_ppl = _per_prompt_ppl(model_lp[0] if same else model_lp[1])
+    jsd_tokens = [t for t in jsd if t.numel() > 0]
+    metrics = {
         "ppl_ret": sum(forward_ppl) / len(forward_ppl) if forward_ppl else float("nan"),
         "ret_jsd": float(torch.cat(jsd_tokens).mean()) if jsd_tokens else float("nan"),
         "ppl_ret_reverse": sum(reverse_ppl) / len(reverse_ppl) if reverse_ppl else float("nan"),
     }
+    if with_ppl_fit:
+        metrics["ppl_fit"] = _token_weighted_ppl(model_lp[-1])
+    return metrics
