@@ -103,8 +103,10 @@ def run_ours(base_model, tokenizer, examples, variant, steps: int, cache_dir: Pa
     model = copy.deepcopy(base_model)
     model.generation_config.min_new_tokens = COMPLETION_TOKENS  # equal work for every method (see docstring)
     result = train_variant(model, tokenizer, examples, variant, training, cache_dir=cache_dir)
+    # "student" is forward + backward here, as in TRL's column (the trainer times them apart).
     return [
-        {p: row[f"seconds_{p}"] for p in PHASES} | {"tokens": row["generated_tokens"]}
+        {p: row[f"seconds_{p}"] for p in PHASES}
+        | {"student": row["seconds_student"] + row["seconds_backward"], "tokens": row["generated_tokens"]}
         for row in result.history[1:]
     ]
 

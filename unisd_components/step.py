@@ -52,7 +52,7 @@ __all__ = [
 # fewer, larger batches win.
 _TOKEN_BUDGET = {"cpu": 2048, "cuda": 32768}
 _DEFAULT_TOKEN_BUDGET = 8192
-_PHASES = ("generation", "teacher", "student", "optimizer")
+_PHASES = ("generation", "teacher", "student", "backward", "optimizer")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -159,7 +159,8 @@ def _train(model, tokenizer, examples, variant, training, cache_dir, callback, t
             for _ in range(training.grad_accum):
                 terms, metrics = _micro_step(runner, variant, next(batches), step)
                 loss = _checked_sum(terms, step)
-                (loss / training.grad_accum).backward()
+                with timer.phase("backward"):
+                    (loss / training.grad_accum).backward()
                 metrics["loss"] = float(loss.detach())
                 for name, value in terms.items():
                     metrics[f"loss_{name}"] = float(value.detach())
