@@ -900,6 +900,9 @@ def fixed_spec_data(spec: StudySpec, params: Mapping[str, Any], *, name: str | N
         if key == "variant":
             continue
         *parents, leaf = _space_path(key)
+        if parents[:1] == ["method"] and len(parents) > 1 and parents[1] in COMPONENT_NAMES:
+            if parents[1] not in enabled:  # drawn for a component the chosen variant does not use
+                continue
         node = data
         for part in parents:
             node = node.setdefault(part, {})

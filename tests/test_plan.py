@@ -72,7 +72,7 @@ def test_full_ablation_is_36_variants_times_3_seeds():
 def test_quickstart_trains_on_64_examples_per_variant():
     spec = load_spec(REPO / "studies" / "quickstart.yaml")
     names = [p.name for p in grid_points(spec)]
-    assert names == ["base", "sft", "sdft", "unisd[agreement]", "unisd[ema]", "unisd_star"]
+    assert names == ["base", "sft", "sdft", "unisd[ema]", "unisd[feature_matching]", "unisd_star"]
     assert describe_plan(spec)["train_examples_per_variant"] >= 64
 
 

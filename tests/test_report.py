@@ -447,10 +447,11 @@ def _logged_study(tmp_path: Path, *, search: bool) -> tuple[Path, object, list[d
             run.log_metrics(metrics)
             run.finish("COMPLETE")
             if study is not None:
+                study.enqueue_trial({"ema.beta": beta, "variant": name})  # the params this row was run with
                 trial = study.ask()
                 trial.suggest_float("ema.beta", 0.5, 0.99)
                 trial.suggest_categorical(
-                    "subset", ["sdft", "unisd[ema]", "unisd[clipping]", "unisd[ema+clipping]"]
+                    "variant", ["sdft", "unisd[ema]", "unisd[clipping]", "unisd[ema+clipping]"]
                 )
                 study.tell(trial, metrics["mean.acc"])
             truth.append(metrics)
@@ -494,3 +495,14 @@ def test_study_mode_search_adds_optuna_section(tmp_path):
         p.name for p in files.figures
     }
     assert "## Search" in files.markdown.read_text()
+    # The best trial (ema + clipping, seed 1: the last one) pinned as a ready-to-run grid spec.
+    from harness.plan import grid_points
+    from harness.spec import load_spec
+
+    best_spec = load_spec(files.directory / "best_spec.yaml")
+    assert best_spec.search.sampler == "grid" and best_spec.name == f"{spec.name}_best"
+    study = optuna.load_study(study_name=spec.name, storage=spec.storage_url)
+    beta = study.best_trial.params["ema.beta"]
+    unisd = [p for p in grid_points(best_spec) if p.family == "unisd"]
+    assert {p.name for p in unisd} == {"unisd[ema+clipping]"}
+    assert all(p.variant.ema.beta == pytest.approx(beta) for p in unisd)

@@ -97,7 +97,9 @@ def report_for_study(spec, *, out_dir: str | Path | None = None, log_artifacts: 
         try:
             study = load_study(spec, url, create=False)
         except Exception as err:  # a missing or foreign storage must not cost the whole report
-            raise HarnessError(f"study {spec.name!r}: cannot open the Optuna study at {url} ({err})") from None
+            raise HarnessError(
+                f"study {spec.name!r}: cannot open the Optuna study at {url} ({err})"
+            ) from None
     files = build_report(
         df,
         components=components,
@@ -107,6 +109,31 @@ def report_for_study(spec, *, out_dir: str | Path | None = None, log_artifacts: 
         study_kind=kind,
         optuna_study=study,
     )
+    if study is not None:
+        _write_best_spec(spec, study, files.directory)
     if log_artifacts:
         tracking.log_report_artifacts(spec, files.directory)
     return files
+
+
+def _write_best_spec(spec, study, directory: Path) -> Path | None:
+    """A search ends with its best trial pinned as a ready-to-run grid spec: ``best_spec.yaml``."""
+    import optuna
+    import yaml
+
+    from harness.spec import fixed_spec_data
+
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.params]
+    if not complete:
+        return None
+    # Baselines enqueued without parameters are not candidates. Several objectives: the Pareto front's
+    # best on the first objective (the report lists the whole front).
+    front = {t.number for t in study.best_trials}
+    candidates = [t for t in complete if t.number in front] or complete
+    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    best = max(candidates, key=lambda t: sign * t.values[0])
+    data = fixed_spec_data(spec, best.params)
+    path = Path(directory) / "best_spec.yaml"
+    header = f"# {spec.name}: best trial #{best.number} ({', '.join(f'{v:.4g}' for v in best.values)}), pinned as a grid study\n"
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    return path
