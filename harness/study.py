@@ -675,7 +675,7 @@ def run_study(
     Raises KeyboardInterrupt after marking the running trial(s) when interrupted (the CLI exits 130).
     """
 
-    from harness.plan import describe_plan
+    from harness.plan import describe_plan, format_plan
     from harness.tracking import finish_study, init_tracking
 
     if workers < 1:
@@ -795,31 +795,6 @@ def _install_sigterm():
 
 # --------------------------------------------------------------------------------------------------
 # Plan and status
-
-
-def format_plan(plan: Mapping[str, Any]) -> str:
-    """``harness.plan.describe_plan``'s dict as the few lines ``--dry-run`` prints."""
-    tokens = plan["generated_tokens"]
-    searched = f" + {plan['searched_trials']} searched" if plan["searched_trials"] else ""
-    lines = [
-        f"study {plan['study']}: {plan['model']}, sampler {plan['sampler']}",
-        f"  variants ({plan['n_variants']}): {', '.join(plan['variants'])}",
-        f"  seeds: {', '.join(map(str, plan['seeds']))}",
-        f"  trials: {plan['n_trials']} ({plan['fixed_trials']} fixed{searched})"
-        + (f", timeout {plan['timeout_s']:.0f}s" if plan.get("timeout_s") else ""),
-        f"  train: {', '.join(plan['train_benchmarks']) or '-'} ({plan['train_examples_per_variant']} examples per variant)",
-        f"  evaluate: {', '.join(plan['eval_benchmarks'])} ({plan['eval_examples_per_trial']} examples per trial)",
-        f"  objectives: {', '.join(plan['objectives'])}",
-    ]
-    if plan["search_space"]:
-        lines.append(f"  search space: {', '.join(plan['search_space'])}")
-    lines += [
-        f"  generated tokens: ~{tokens['estimate']:,} (at most {tokens['upper_bound']:,})",
-        f"  estimated GPU hours (7B reference): {plan['gpu_hours_7b']}",
-        f"    assuming {plan['assumptions']}",
-        f"  output: {plan['output_dir']}",
-    ]
-    return "\n".join(lines)
 
 
 def status(spec: StudySpec, *, storage: str | None = None) -> dict[str, Any]:

@@ -323,8 +323,9 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path):
         [sys.executable, "-m", "harness", "run", str(path), "--dry-run"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    assert "trials: 6 (6 fixed)" in result.stdout and "variants (6): base, sft, sdft" in result.stdout
-    assert "generated tokens: ~" in result.stdout and "GPU hours" in result.stdout
+    assert "trials     6 (6 variants x 1 seed(s), grid)" in result.stdout
+    assert "variants   6: base, sft, sdft" in result.stdout
+    assert "generated tokens ~" in result.stdout and "GPU hours" in result.stdout
     assert not spec.output_path.exists()
 
 
