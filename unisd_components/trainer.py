@@ -87,6 +87,14 @@ def train_variant(
     """
     if not examples:
         raise ValueError("train_variant needs at least one training example")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            # Not implemented yet: each process would sample, score and step on its own, unsynchronised.
+            raise NotImplementedError(
+                "train_variant runs one process per variant; data-parallel training over several GPUs "
+                "(accelerate / torch.distributed) is not implemented: run one trial per GPU with "
+                "`harness run SPEC --workers N` instead"
+            )
     unknown = [n for n in variant.enabled_components() if n not in REGISTRY]
     if unknown:
         raise ValueError(f"components {unknown} have no registry entry")
