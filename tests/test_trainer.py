@@ -451,7 +451,9 @@ def test_data_parallel_training_is_refused_with_a_clear_error(tmp_path):
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_distributed_worker, args=(r, str(tmp_path / "init"), results)) for r in (0, 1)]
+    procs = [
+        ctx.Process(target=_distributed_worker, args=(r, str(tmp_path / "init"), results)) for r in (0, 1)
+    ]
     for p in procs:
         p.start()
     messages = [results.get(timeout=120) for _ in procs]
