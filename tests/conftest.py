@@ -19,6 +19,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if not os.environ.get("UNISD_DATA_DIR"):
     os.environ["UNISD_DATA_DIR"] = str((REPO.parent / "shared" / "data").resolve())
+# CI gives a path relative to the repo (../shared/data); tests that run `harness` in a subprocess from a
+# temporary directory must see the same folder.
+os.environ["UNISD_DATA_DIR"] = str(Path(os.environ["UNISD_DATA_DIR"]).resolve())
 
 
 @pytest.fixture(scope="session")
