@@ -71,17 +71,7 @@ def _examples(tokenizer, n: int, data_dir: str | None):
         from harness.data import load_benchmark
 
         raw = load_benchmark("scienceqa", "train", data_dir=data_dir, limit=n)
-        return [
-            TrainingExample(
-                id=e.id,
-                messages=list(e.messages),
-                demonstration=e.demonstration,
-                kind=e.kind,
-                choices=e.choices,
-                answer=e.answer,
-            )
-            for e in raw
-        ]
+        return [e.to_training_example() for e in raw]
     except Exception as err:  # no local data: synthetic prompts of similar length
         print(
             f"(scienceqa not available: {err.__class__.__name__}; using synthetic prompts)", file=sys.stderr

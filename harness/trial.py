@@ -72,7 +72,6 @@ def _base_model(spec: StudySpec):
 def _train_examples(spec: StudySpec) -> list:
     """The spec's training examples as the trainer's records (same list for every trial of the study)."""
     from harness.data import load_benchmark
-    from unisd_components.trainer import TrainingExample
 
     key = (tuple(spec.data.train), spec.data.train_size, spec.data.split_seed, spec.data.data_dir)
     if key not in _TRAIN_EXAMPLES:
@@ -85,16 +84,7 @@ def _train_examples(spec: StudySpec) -> list:
                 limit=spec.data.train_size,
                 seed=spec.data.split_seed,
             ):
-                examples.append(
-                    TrainingExample(
-                        id=ex.id,
-                        messages=[dict(m) for m in ex.messages],
-                        demonstration=ex.demonstration,
-                        kind=ex.kind,
-                        choices=tuple(ex.choices),
-                        answer=ex.answer,
-                    )
-                )
+                examples.append(ex.to_training_example())
         _TRAIN_EXAMPLES.clear()
         _TRAIN_EXAMPLES[key] = examples
     return _TRAIN_EXAMPLES[key]

@@ -378,17 +378,7 @@ def test_unisd_star_trains_on_bundled_smollm2_with_lora(data_dir, tmp_path):
     model, tok = load_model(BUNDLED_SMOLLM2, device="cpu")
     model = apply_lora(model, r=8, alpha=16)
     raw = load_benchmark("scienceqa", "train", data_dir=data_dir, limit=6)
-    examples = [
-        TrainingExample(
-            id=e.id,
-            messages=list(e.messages),
-            demonstration=e.demonstration,
-            kind=e.kind,
-            choices=e.choices,
-            answer=e.answer,
-        )
-        for e in raw
-    ]
+    examples = [e.to_training_example() for e in raw]
     variant = PRESETS["unisd_star"].model_copy(update={"ema": EMAConfig(beta=0.9, sync_steps=1)})
     training = TrainingConfig(max_steps=2, batch_size=2, max_completion_tokens=16, learning_rate=1e-3)
     adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -45,3 +45,16 @@ class Example:
     def prompt_text(self) -> str:
         """The user content of the prompt, for models without a chat template."""
         return "\n\n".join(m["content"] for m in self.messages if m["role"] == "user")
+
+    def to_training_example(self):
+        """The trainer's own record (``unisd_components`` never imports the harness, so it has its own)."""
+        from unisd_components.trainer import TrainingExample
+
+        return TrainingExample(
+            id=self.id,
+            messages=[dict(m) for m in self.messages],
+            demonstration=self.demonstration,
+            kind=self.kind,
+            choices=tuple(self.choices),
+            answer=self.answer,
+        )
