@@ -415,38 +415,3 @@ def test_agreement_with_induced_instructions(level, tiny_model_and_tokenizer, ca
     assert result.steps == 2 and all(math.isfinite(r["loss"]) for r in result.history)
     assert 0 < result.history[-1]["agreement_weight_min"] <= 1
     assert list(cache_dir.glob("instructions-*.json"))
-
-
-def _distributed_worker(rank: int, init_file: str, results) -> None:
-    import torch.distributed as dist
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                             num_hidden_layers=1, num_attention_heads=2))  # fmt: skip
-        example = TrainingExample(id="a", messages=[{"role": "user", "content": "q"}], demonstration="a")
-        try:
-            train_variant(model, None, [example], VariantConfig(), TrainingConfig(max_steps=1))
-            results.put("trained")
-        except NotImplementedError as err:
-            results.put(str(err))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_data_parallel_training_is_refused_with_a_clear_error(tmp_path):
-    """Several processes in one torch.distributed group would train unsynchronised: refused, not silent."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [
-        ctx.Process(target=_distributed_worker, args=(r, str(tmp_path / "init"), results)) for r in (0, 1)
-    ]
-    for p in procs:
-        p.start()
-    messages = [results.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-    assert all("not implemented" in m and "--workers" in m for m in messages), messages

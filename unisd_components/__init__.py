@@ -5,7 +5,8 @@ A library: nothing here imports the harness. The public surface:
 - configuration: :class:`VariantConfig` (method + enabled mechanisms), :class:`TrainingConfig`, the
   per-mechanism configs, :data:`COMPONENT_NAMES`, the named presets :data:`PRESETS`;
 - training: :func:`train_variant` with :class:`TrainingExample`, :class:`TrainResult`,
-  :class:`NonFiniteLossError`; :func:`apply_lora` for LoRA;
+  :class:`NonFiniteLossError`; :func:`apply_lora` for LoRA; :func:`init_data_parallel` for one process
+  per GPU under ``accelerate launch`` (see :mod:`unisd_components.distributed`);
 - extension: :data:`REGISTRY` (name -> :class:`Component`), the hook interface of a mechanism.
 
 Example::
@@ -27,6 +28,7 @@ from unisd_components.config import (
     TrainingConfig,
     VariantConfig,
 )
+from unisd_components.distributed import init_data_parallel
 from unisd_components.lora import apply_lora
 from unisd_components.presets import PRESETS, training_for_preset
 from unisd_components.registry import REGISTRY, Component
@@ -49,6 +51,7 @@ __all__ = [
     "TrainingExample",
     "VariantConfig",
     "apply_lora",
+    "init_data_parallel",
     "train_variant",
     "training_for_preset",
 ]

@@ -19,8 +19,9 @@ Example::
 
 Device and precision: the model's own device; bf16 autocast on CUDA only (never on CPU). Under LoRA
 (``unisd_components.lora.apply_lora``) only adapter weights train and the teacher shares the base
-weights. One process, one device: for several GPUs run one trial per GPU (``accelerate`` multi-GPU
-training is not wired in).
+weights. Several GPUs: launch one process per GPU (``accelerate launch``; see
+:mod:`unisd_components.distributed`) and call ``train_variant`` in each with the same arguments: it
+shards every global batch of ``batch_size x processes`` prompts and averages the gradients.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from unisd_components import distributed
 from unisd_components.config import TrainingConfig, VariantConfig
 from unisd_components.lora import is_peft_model
 from unisd_components.registry import REGISTRY, SetupContext, build_components
@@ -66,6 +68,7 @@ class TrainResult:
     generated_tokens: int
     history: list[dict[str, float]] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    processes: int = 1  # data-parallel processes that trained together (history: their means, token sums)
 
 
 def train_variant(
@@ -87,14 +90,6 @@ def train_variant(
     """
     if not examples:
         raise ValueError("train_variant needs at least one training example")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            # Not implemented yet: each process would sample, score and step on its own, unsynchronised.
-            raise NotImplementedError(
-                "train_variant runs one process per variant; data-parallel training over several GPUs "
-                "(accelerate / torch.distributed) is not implemented: run one trial per GPU with "
-                "`harness run SPEC --workers N` instead"
-            )
     unknown = [n for n in variant.enabled_components() if n not in REGISTRY]
     if unknown:
         raise ValueError(f"components {unknown} have no registry entry")
@@ -104,7 +99,8 @@ def train_variant(
     if len(set(ids)) != len(ids):
         raise ValueError("training example ids must be unique (contexts and caches are keyed by id)")
     start = time.perf_counter()
-    _seed_everything(training.seed)
+    rank, _ = distributed.world()
+    _seed_everything(training.seed + rank)  # processes sample different completions
     device = next(model.parameters()).device
     timer = PhaseTimer(device)
     if cache_dir is None:
@@ -127,15 +123,19 @@ def _train(model, tokenizer, examples, variant, training, cache_dir, callback, t
             # Negative demonstrations stand in for completions: no longer than a completion may be.
             max_new_tokens=training.max_completion_tokens,
         )
-        for component in components:
-            component.setup(ctx)
+        with distributed.main_process_first():  # rank 0 writes the shared caches, the others read them
+            for component in components:
+                component.setup(ctx)
     setup_seconds = time.perf_counter() - setup_start
 
     history: list[dict[str, float]] = []
     generated = 0
+    rank, processes = distributed.world()
     was_training = model.training
     checkpointing = False
     try:  # from here on the model may carry trainer adapters (LoRA teachers): always removed below
+        # Every process starts from rank 0's weights (LoRA adapters are initialised at random).
+        distributed.broadcast_parameters_([p for p in model.parameters() if p.requires_grad])
         teacher = base = None
         if variant.method != "sft":
             teacher = make_teacher(model, ema=any(c.needs_ema_teacher for c in components))
@@ -147,7 +147,7 @@ def _train(model, tokenizer, examples, variant, training, cache_dir, callback, t
         if not params:
             raise ValueError("the model has no trainable parameter (frozen model, or LoRA without adapters?)")
         optimizer = _adamw(params, training)
-        micro_per_epoch = math.ceil(len(examples) / training.batch_size)
+        micro_per_epoch = math.ceil(len(examples) / (training.batch_size * processes))
         total_steps = training.max_steps or max(
             1, math.ceil(training.epochs * micro_per_epoch / training.grad_accum)
         )
@@ -155,7 +155,8 @@ def _train(model, tokenizer, examples, variant, training, cache_dir, callback, t
         runner = StepRunner(
             model, tokenizer, variant, training, components, teacher, base, timer, training.seed
         )
-        batches = _batches(examples, training.batch_size, training.seed)
+        # The same global order in every process (seeded by the training seed, not the rank).
+        batches = _batches(examples, training.batch_size * processes, training.seed)
 
         if training.gradient_checkpointing:
             _set_checkpointing(model, True)
@@ -165,8 +166,9 @@ def _train(model, tokenizer, examples, variant, training, cache_dir, callback, t
             before = dict(timer.seconds)
             sums: dict[str, float] = {}
             for _ in range(training.grad_accum):
-                terms, metrics = _micro_step(runner, variant, next(batches), step)
-                loss = _checked_sum(terms, step)
+                batch = distributed.shard(next(batches), rank, processes)
+                terms, metrics = _micro_step(runner, variant, batch, step)
+                loss = _checked_sum(terms, step, processes > 1)
                 with timer.phase("backward"):
                     (loss / training.grad_accum).backward()
                 metrics["loss"] = float(loss.detach())
@@ -176,13 +178,15 @@ def _train(model, tokenizer, examples, variant, training, cache_dir, callback, t
                     sums[key] = sums.get(key, 0.0) + value
             row = {k: v / training.grad_accum for k, v in sums.items()}
             row["generated_tokens"] = sums.get("generated_tokens", 0.0)
-            generated += int(row["generated_tokens"])
             with timer.phase("optimizer"):
+                distributed.all_reduce_gradients_(params)
                 row.update(_optimizer_step(model, params, optimizer, scheduler, training, step))
                 for component in components:
                     row.update(component.after_optimizer_step(step, model, teacher))
             for phase, seconds in timer.seconds.items():
                 row[f"seconds_{phase}"] = seconds - before.get(phase, 0.0)
+            row = distributed.mean_metrics(row, sum_keys=("generated_tokens",))
+            generated += int(row["generated_tokens"])
             row["step"] = float(step)
             history.append(row)
             if callback is not None:
@@ -200,6 +204,7 @@ def _train(model, tokenizer, examples, variant, training, cache_dir, callback, t
         generated_tokens=generated,
         history=history,
         phase_seconds=phase_seconds,
+        processes=processes,
     )
 
 
@@ -213,13 +218,25 @@ def _micro_step(runner: StepRunner, variant: VariantConfig, batch, step: int):
     return runner.distill(batch, step, alpha=variant.alpha, on_policy=True)
 
 
-def _checked_sum(terms: dict[str, torch.Tensor], step: int) -> torch.Tensor:
-    """Sum of the loss terms, each checked first so the error names the one that went bad."""
+def _checked_sum(terms: dict[str, torch.Tensor], step: int, collective: bool = False) -> torch.Tensor:
+    """Sum of the loss terms, each checked first so the error names the one that went bad.
+
+    ``collective``: every data-parallel process learns of a bad term anywhere and raises too, rather than
+    waiting forever for the failed one in the gradient all-reduce.
+    """
     if not terms:
         raise ValueError("the variant produced no loss term (match_repr without feature matching?)")
+    error = None
     for name, value in terms.items():
         if not torch.isfinite(value).all():
-            raise NonFiniteLossError(step, name, float(value.detach().float()))
+            error = NonFiniteLossError(step, name, float(value.detach().float()))
+            break
+    if collective:
+        failure = distributed.first_failure(error)
+        if error is None and failure is not None:
+            raise NonFiniteLossError(step, f"a loss term of process {failure[0]} ({failure[1]})")
+    if error is not None:
+        raise error
     return sum(terms.values())  # type: ignore[return-value]
 
 
