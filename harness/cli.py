@@ -66,7 +66,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from harness.study import run_study
 
     spec = load_spec(args.spec).with_overrides(output_dir=args.output_dir, storage=args.storage)
-    summary = run_study(spec, workers=args.workers, dry_run=args.dry_run)
+    summary = run_study(spec, workers=args.workers, gpus_per_trial=args.gpus_per_trial, dry_run=args.dry_run)
     if summary.dry_run:
         print(summary.plan)
         return 0
@@ -245,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="path to a study YAML")
     p.add_argument("--output-dir", help="override the spec's output_dir")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine")
+    p.add_argument(
+        "--gpus-per-trial",
+        type=int,
+        default=1,
+        help="train each trial data-parallel over N GPUs (accelerate); training.batch_size is per GPU",
+    )
     p.add_argument("--storage", help="Optuna storage URL (e.g. postgresql://...), overrides the spec")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")

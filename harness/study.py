@@ -349,6 +349,7 @@ class _WorkerArgs:
     worker: int
     n_workers: int
     started_at: float
+    gpus_per_trial: int = 1
 
 
 def _claim_waiting(study: optuna.Study) -> optuna.Trial | None:
@@ -451,6 +452,7 @@ def _run_one(
         run=run,
         progress=progress,
         optuna_trial=trial if spec.search.pruner != "none" else None,
+        processes=args.gpus_per_trial,
     )
 
     def fail(reason: str, *, user: bool = False) -> None:
@@ -594,7 +596,7 @@ def _worker_main(args: _WorkerArgs) -> None:
     """Entry of a spawned worker process. Exit codes: 0 done, 130 interrupted, 2 user error, 1 crash."""
     _interrupt_once()
     if args.n_workers > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        _pin_gpu(args.worker)
+        _pin_gpus(args.worker, args.gpus_per_trial)
     progress = LineProgress(prefix=f"[worker {args.worker}] ")
     try:
         _worker_loop(args, progress)
@@ -605,13 +607,15 @@ def _worker_main(args: _WorkerArgs) -> None:
         sys.exit(2)
 
 
-def _pin_gpu(worker: int) -> None:
-    """One trial per GPU: worker i sees GPU i mod n (CUDA is not initialised yet in a fresh process)."""
+def _pin_gpus(worker: int, per_trial: int = 1) -> None:
+    """Worker i sees its own ``per_trial`` GPUs: ``[i*per_trial, (i+1)*per_trial)`` modulo the GPU count
+    (CUDA is not initialised yet in a fresh process)."""
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count > 1:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(worker % count)
+        first = worker * per_trial
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str((first + j) % count) for j in range(per_trial))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -658,11 +662,34 @@ def _run_workers(
     return interrupted, crashed
 
 
+def _check_gpus_per_trial(spec: StudySpec, workers: int, gpus_per_trial: int) -> None:
+    """Data-parallel trials: enough GPUs for every worker, and no pruner (its dev evaluations run
+    inside the training loop, which then lives in other processes)."""
+    if gpus_per_trial < 1:
+        raise HarnessError(f"--gpus-per-trial must be >= 1 (got {gpus_per_trial})")
+    if gpus_per_trial == 1:
+        return
+    if spec.search.pruner != "none":
+        raise HarnessError(
+            f"--gpus-per-trial {gpus_per_trial} cannot prune (search.pruner: {spec.search.pruner}): the dev "
+            "evaluations that pruning needs run inside training; set search.pruner: none"
+        )
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    wanted = workers * gpus_per_trial
+    if spec.model.device != "cpu" and count and wanted > count:
+        raise HarnessError(
+            f"--workers {workers} x --gpus-per-trial {gpus_per_trial} needs {wanted} GPUs; this machine has {count}"
+        )
+
+
 def run_study(
     spec: StudySpec,
     *,
     output_dir: str | Path | None = None,
     workers: int = 1,
+    gpus_per_trial: int = 1,
     storage: str | None = None,
     dry_run: bool = False,
     trial_fn: TrialFn | None = None,
@@ -680,6 +707,7 @@ def run_study(
 
     if workers < 1:
         raise HarnessError(f"--workers must be >= 1 (got {workers})")
+    _check_gpus_per_trial(spec, workers, gpus_per_trial)
     spec = spec.with_overrides(output_dir=output_dir, storage=storage)
     if dry_run:
         return StudySummary(
@@ -707,7 +735,7 @@ def run_study(
             f"{repaired['enqueued']} point(s) queued again"
         )
     progress.study_start(total, _finished_count(study))
-    args = _WorkerArgs(spec, url, tracking, trial_fn, 0, workers, started_wall)
+    args = _WorkerArgs(spec, url, tracking, trial_fn, 0, workers, started_wall, gpus_per_trial)
     interrupted = False
     crashed: list[int] = []
     previous = _install_sigterm()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -28,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 from harness.progress import StudyProgress
 
 if TYPE_CHECKING:
-    from harness.spec import StudySpec
+    from harness.spec import DataSpec, StudySpec
     from harness.tracking import TrialRun
 
-__all__ = ["TrialContext", "reset_process_state", "run_trial", "warm_up"]
+__all__ = ["TrialContext", "load_train_examples", "reset_process_state", "run_trial", "warm_up"]
 
 # Dev-set evaluations that feed the pruner, per trial (at evenly spaced optimizer steps).
 PRUNING_REPORTS = 4
@@ -48,6 +49,7 @@ class TrialContext:
     run: TrialRun | None = None
     progress: StudyProgress = field(default_factory=StudyProgress)
     optuna_trial: Any = None  # set when the study prunes: run_trial reports the dev metric to it
+    processes: int = 1  # > 1: train over that many processes, one GPU each (harness.data_parallel)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,20 +71,20 @@ def _base_model(spec: StudySpec):
     return _BASE[key]
 
 
-def _train_examples(spec: StudySpec) -> list:
-    """The spec's training examples as the trainer's records (same list for every trial of the study)."""
+def load_train_examples(data: DataSpec) -> list:
+    """The data section's training examples as the trainer's records (one list per process, reused)."""
     from harness.data import load_benchmark
 
-    key = (tuple(spec.data.train), spec.data.train_size, spec.data.split_seed, spec.data.data_dir)
+    key = (tuple(data.train), data.train_size, data.split_seed, data.data_dir)
     if key not in _TRAIN_EXAMPLES:
         examples = []
-        for name in spec.data.train:
+        for name in data.train:
             for ex in load_benchmark(
                 name,
                 "train",
-                data_dir=spec.data.data_dir,
-                limit=spec.data.train_size,
-                seed=spec.data.split_seed,
+                data_dir=data.data_dir,
+                limit=data.train_size,
+                seed=data.split_seed,
             ):
                 examples.append(ex.to_training_example())
         _TRAIN_EXAMPLES.clear()
@@ -160,11 +162,12 @@ def _evaluate_base(spec: StudySpec, ctx: TrialContext) -> tuple[dict[str, float]
 # Training
 
 
-def _planned_steps(training, n_examples: int) -> int:
+def _planned_steps(training, n_examples: int, processes: int = 1) -> int:
+    """Optimizer steps the trainer will take (its own rule: micro-batches of the global batch per epoch)."""
     if training.max_steps is not None:
         return training.max_steps
-    per_step = training.batch_size * training.grad_accum
-    return max(1, int(-(-n_examples * training.epochs // per_step)))
+    micro_per_epoch = math.ceil(n_examples / (training.batch_size * processes))
+    return max(1, math.ceil(training.epochs * micro_per_epoch / training.grad_accum))
 
 
 class _StepCallback:
@@ -232,6 +235,32 @@ def _dev_metric(spec: StudySpec) -> str:
     return "mean.acc" if objective.direction == "maximize" else "ppl_fit"
 
 
+def _train_in_processes(model, spec: StudySpec, variant, training, ctx: TrialContext, callback):
+    """Train over ``ctx.processes`` GPUs in launched processes, then load their result into ``model``."""
+    import torch
+
+    from harness.data_parallel import train_in_processes
+
+    ctx.progress.trial_phase(f"training over {ctx.processes} processes")
+    trained, result = train_in_processes(
+        ctx.processes,
+        spec,
+        variant,
+        training,
+        work_dir=ctx.trial_dir / "data_parallel",
+        cache_dir=ctx.cache_dir / "train",
+        callback=callback,
+    )
+    params = dict(model.named_parameters())
+    unknown = sorted(set(trained) - set(params))
+    if unknown:
+        raise RuntimeError(f"the trained weights do not fit the model: unknown tensors {unknown[:3]}")
+    with torch.no_grad():
+        for name, tensor in trained.items():
+            params[name].copy_(tensor)
+    return result
+
+
 def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float]:
     """Train and evaluate one point of the plan; return its metrics (see the module docstring).
 
@@ -264,8 +293,6 @@ def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float
             "train_steps": 0,
         }
 
-    from unisd_components.trainer import train_variant
-
     ctx.progress.trial_phase("loading model")
     base, tokenizer = _base_model(spec)
     model = copy.deepcopy(base)
@@ -274,21 +301,26 @@ def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float
 
         lora = spec.model.lora
         model = apply_lora(model, lora.r, lora.alpha, lora.target_modules, dropout=lora.dropout)
-    examples = _train_examples(spec)
-    total = _planned_steps(training, len(examples))
+    examples = load_train_examples(spec.data)
+    total = _planned_steps(training, len(examples), ctx.processes)
     ctx.progress.trial_steps(total)
     callback = _StepCallback(spec, ctx, model, tokenizer, total)
     start = time.perf_counter()
     try:
-        result = train_variant(
-            model,
-            tokenizer,
-            examples,
-            variant,
-            training,
-            cache_dir=ctx.cache_dir / "train",
-            callback=callback,
-        )
+        if ctx.processes > 1:
+            result = _train_in_processes(model, spec, variant, training, ctx, callback)
+        else:
+            from unisd_components.trainer import train_variant
+
+            result = train_variant(
+                model,
+                tokenizer,
+                examples,
+                variant,
+                training,
+                cache_dir=ctx.cache_dir / "train",
+                callback=callback,
+            )
     finally:
         _write_json_atomic(ctx.trial_dir / "history.json", callback.history)
         if ctx.run is not None:
@@ -317,7 +349,7 @@ def warm_up(spec: StudySpec) -> None:
     evaluation stacks) ahead of time; the runner calls it in a thread while it sets up the stores."""
     _base_model(spec)
     if spec.data.train:
-        _train_examples(spec)
+        load_train_examples(spec.data)
     import harness.evaluation.lmeval  # noqa: F401  (lm-eval's import takes seconds)
     import unisd_components.trainer  # noqa: F401
 

@@ -192,3 +192,58 @@ def test_alone_the_collectives_are_no_ops():
     assert distributed.world() == (0, 1)
     assert distributed.mean_metrics({"loss": 1.5}) == {"loss": 1.5}
     assert distributed.first_failure(None) is None
+
+
+def test_a_trial_trains_over_two_launched_processes_like_one_process(tmp_path, data_dir):
+    """The harness path: `accelerate launch` starts two processes, the trial forwards their per-step
+    metrics and loads the weights they saved into its model; SFT at 2 x batch 2 matches one process at
+    batch 4."""
+    from types import SimpleNamespace
+
+    from harness.spec import DataSpec, ModelSpec
+    from harness.trial import TrialContext, _train_in_processes, load_train_examples
+    from unisd_components.trainer import train_variant
+
+    spec = SimpleNamespace(
+        model=ModelSpec(ref="tiny-random:llama", device="cpu", dtype="float32"),
+        data=DataSpec(train=["scienceqa"], train_size=6, data_dir=str(data_dir)),
+    )
+    variant = DETERMINISTIC["sft"]
+    ctx = TrialContext(
+        number=0, output_dir=tmp_path, trial_dir=tmp_path / "trial", cache_dir=tmp_path / "cache"
+    )
+    ctx.processes = 2
+    seen: list[int] = []
+    trial_model, _ = _tiny()
+    result = _train_in_processes(
+        trial_model,
+        spec,
+        variant,
+        TrainingConfig(batch_size=2, **TRAINING),
+        ctx,
+        callback=lambda step, metrics: seen.append(step),
+    )
+    assert seen == [1, 2, 3] and result.steps == 3 and result.processes == 2
+    model, tok = _tiny()
+    single = train_variant(
+        model, tok, load_train_examples(spec.data), variant, TrainingConfig(batch_size=4, **TRAINING)
+    )
+    _assert_same(_state(trial_model), _state(model), atol=1e-4)
+    assert not torch.equal(_state(trial_model)["model.norm.weight"], _state(_tiny()[0])["model.norm.weight"])
+    for mine, theirs in zip(result.history, single.history, strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+
+
+def test_a_failed_launch_reports_its_log(tmp_path, data_dir):
+    from types import SimpleNamespace
+
+    from harness.data_parallel import train_in_processes
+    from harness.spec import DataSpec, ModelSpec
+
+    spec = SimpleNamespace(
+        model=ModelSpec(ref=str(tmp_path / "no-such-model"), device="cpu"),
+        data=DataSpec(train=["scienceqa"], train_size=2, data_dir=str(data_dir)),
+    )
+    with pytest.raises(RuntimeError, match="data-parallel training over 2 processes failed") as err:
+        train_in_processes(2, spec, VariantConfig(), TrainingConfig(), work_dir=tmp_path, cache_dir=tmp_path)
+    assert "no-such-model" in str(err.value)

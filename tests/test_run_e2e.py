@@ -224,3 +224,40 @@ def test_search_with_pruning_reports_dev_metrics_and_reuses_the_base_evaluation(
     for t in searched:
         assert t.intermediate_values, "the dev metric was reported to the pruner"
         assert "dev.mean.acc" in runs[t.user_attrs["mlflow_run_id"]].data.metrics
+
+
+def test_gpus_per_trial_trains_each_trial_over_launched_processes(tmp_path):
+    """`--gpus-per-trial 2` (two CPU processes here): a LoRA trial trains data-parallel and is evaluated
+    on the weights the processes saved; a diverging one fails with the trainer's own reason."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / "dp.yaml"
+    text = DIVERGING.replace("OUT", str(tmp_path / "out")).replace("DATA", os.environ["UNISD_DATA_DIR"])
+    text = text.replace("subsets: [[], [ema]]", "subsets: [[ema]]").replace(
+        "device: cpu}", "device: cpu, lora: {enabled: true, r: 4}}"
+    )
+    path.write_text(text)
+    spec = load_spec(path)
+    _finish(_harness("run", str(path), "--no-report", "--gpus-per-trial", "2", cwd=tmp_path))
+    trials = {t.user_attrs["params"]["training.learning_rate"]: t for t in _trials(spec)}
+    good, bad = trials[1e-4], trials[1e30]
+    assert good.state == TrialState.COMPLETE and bad.state == TrialState.FAIL
+    assert bad.user_attrs["fail_reason"].startswith("non-finite loss at optimizer step 1")
+    trial_dir = spec.output_path / "trials" / str(good.number)
+    history = json.loads((trial_dir / "history.json").read_text())
+    assert [row["step"] for row in history] == [1, 2]
+    trained = load_file(trial_dir / "data_parallel" / "trained.safetensors")
+    assert trained and all("lora_" in name for name in trained)
+    assert any(float(t.abs().sum()) > 0 for n, t in trained.items() if "lora_B" in n)  # B starts at zero
+    row = load_results(spec).set_index("trial").loc[good.number]
+    assert 0 <= row["scienceqa.acc"] <= 1 and row["train_steps"] == 2
+
+
+def test_gpus_per_trial_refuses_a_pruner(tmp_path):
+    path = tmp_path / "search.yaml"
+    path.write_text(
+        SEARCH.replace("OUT", str(tmp_path / "out")).replace("DATA", os.environ["UNISD_DATA_DIR"])
+    )
+    proc = _harness("run", str(path), "--gpus-per-trial", "2", cwd=tmp_path)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "cannot prune" in out and "Traceback" not in out, out
