@@ -91,11 +91,13 @@ def _examples(tokenizer, n: int, data_dir: str | None):
         ]
 
 
-def run_ours(base_model, tokenizer, examples, variant, steps: int, cache_dir: Path) -> list[dict[str, float]]:
+def run_ours(
+    base_model, tokenizer, examples, variant, steps: int, cache_dir: Path, warmup: int = 2
+) -> list[dict[str, float]]:
     from unisd_components import TrainingConfig, train_variant
 
     training = TrainingConfig(
-        max_steps=steps + 1,
+        max_steps=steps + warmup,
         batch_size=4,
         max_completion_tokens=COMPLETION_TOKENS,
         temperature=0.7,
@@ -108,11 +110,13 @@ def run_ours(base_model, tokenizer, examples, variant, steps: int, cache_dir: Pa
     return [
         {p: row[f"seconds_{p}"] for p in PHASES}
         | {"student": row["seconds_student"] + row["seconds_backward"], "tokens": row["generated_tokens"]}
-        for row in result.history[1:]
+        for row in result.history[warmup:]
     ]
 
 
-def run_trl(base_model, tokenizer, examples, steps: int, seed: int = 0) -> list[dict[str, float]]:
+def run_trl(
+    base_model, tokenizer, examples, steps: int, seed: int = 0, warmup: int = 2
+) -> list[dict[str, float]]:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
@@ -127,7 +131,7 @@ def run_trl(base_model, tokenizer, examples, steps: int, seed: int = 0) -> list[
             output_dir=out,
             per_device_train_batch_size=4,
             gradient_accumulation_steps=1,
-            max_steps=steps + 1,
+            max_steps=steps + warmup,
             learning_rate=1e-5,
             warmup_steps=0.1,  # a fraction of the steps (transformers 5)
             lr_scheduler_type="cosine",
@@ -190,7 +194,7 @@ def run_trl(base_model, tokenizer, examples, steps: int, seed: int = 0) -> list[
 
         trainer.add_callback(StepTimer())
         trainer.train()
-    return timings[1:]
+    return timings[warmup:]
 
 
 def _median(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -202,7 +206,13 @@ def _median(rows: list[dict[str, float]]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bundled:smollm2-135m-instruct")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per run (one warm-up step more)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per run")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed first steps per run (lazy initialisation, optimizer state, first-touch page faults)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the three methods")
     parser.add_argument("--examples", type=int, default=4, help="4 = every step scores the same batch")
     parser.add_argument("--data-dir", default=os.environ.get("UNISD_DATA_DIR"))
@@ -226,22 +236,22 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"sdft": VariantConfig(), "unisd_star": PRESETS["unisd_star"]}
     print(
         f"model {args.model} on {next(model.parameters()).device}, {torch.get_num_threads()} threads; "
-        f"batch 4, 64 completion tokens, {args.steps} timed steps x {args.rounds} rounds",
+        f"batch 4, 64 completion tokens, {args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds",
         flush=True,
     )
     rows: dict[str, list[dict[str, float]]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="unisd-bench-") as tmp:
         cache = Path(tmp)
         # Generate the negatives and embeddings once, outside the timed runs (a study caches them too).
-        run_ours(model, tokenizer, examples, variants["unisd_star"], 0, cache)
+        run_ours(model, tokenizer, examples, variants["unisd_star"], 0, cache, warmup=1)
         for round_ in range(args.rounds):
             for name, variant in variants.items():
-                rows[name] += run_ours(model, tokenizer, examples, variant, args.steps, cache)
+                rows[name] += run_ours(model, tokenizer, examples, variant, args.steps, cache, args.warmup)
                 print(
                     f"round {round_ + 1}: {name} {_median(rows[name])['total']:.2f} s/step so far", flush=True
                 )
             if not args.skip_trl:
-                rows["trl"] += run_trl(model, tokenizer, examples, args.steps)
+                rows["trl"] += run_trl(model, tokenizer, examples, args.steps, warmup=args.warmup)
                 print(
                     f"round {round_ + 1}: trl {_median(rows['trl'])['total']:.2f} s/step so far", flush=True
                 )

@@ -415,3 +415,14 @@ def test_agreement_with_induced_instructions(level, tiny_model_and_tokenizer, ca
     assert result.steps == 2 and all(math.isfinite(r["loss"]) for r in result.history)
     assert 0 < result.history[-1]["agreement_weight_min"] <= 1
     assert list(cache_dir.glob("instructions-*.json"))
+
+
+def test_kl_metric_is_the_forward_kl_whatever_the_divergence(tiny_model_and_tokenizer, cache_dir):
+    """Under forward KL (alpha 0) the KL metric is the divergence term itself (reused, not recomputed);
+    under JSD it is still the forward KL, which is larger than the JSD here."""
+    model, tok = tiny_model_and_tokenizer
+    forward = train_variant(model, tok, _examples(), VariantConfig(), TRAINING, cache_dir=cache_dir)
+    for row in forward.history:
+        assert row["kl"] == pytest.approx(row["loss_divergence"], rel=1e-6) and row["kl"] > 0
+    jsd = train_variant(model, tok, _examples(), VariantConfig(alpha=0.5), TRAINING, cache_dir=cache_dir)
+    assert all(row["kl"] > row["loss_divergence"] > 0 for row in jsd.history)

@@ -367,6 +367,7 @@ class StepRunner:
         metrics: dict[str, float] = {}
         mask = scores.mask
         per_token = token_divergence(scores.student_logps, scores.teacher_logps, alpha)
+        raw_kl = per_token.detach() if alpha == 0.0 else None  # forward KL already: not computed twice
         for component in self.components:
             per_token = component.transform_divergence(per_token, mask, metrics)
         token_w = _product(c.token_weights(scores, metrics) for c in self.components)
@@ -385,7 +386,8 @@ class StepRunner:
             )
         with torch.no_grad():
             s, u = scores.student_logps.detach(), scores.teacher_logps
-            metrics["kl"] = float(weighted_sequence_mean(token_divergence(s, u, 0.0), mask))
+            kl = raw_kl if raw_kl is not None else token_divergence(s, u, 0.0)
+            metrics["kl"] = float(weighted_sequence_mean(kl, mask))
             metrics["entropy"] = float(weighted_sequence_mean(-(s.exp() * s).sum(-1), mask))
         return terms, metrics
 
