@@ -242,6 +242,8 @@ def _train_in_processes(model, spec: StudySpec, variant, training, ctx: TrialCon
     from harness.data_parallel import train_in_processes
 
     ctx.progress.trial_phase(f"training over {ctx.processes} processes")
+    if ctx.run is not None:  # the global batch is processes x training.batch_size: part of the result
+        ctx.run.set_tags({"gpus_per_trial": ctx.processes})
     trained, result = train_in_processes(
         ctx.processes,
         spec,

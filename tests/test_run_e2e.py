@@ -251,6 +251,8 @@ def test_gpus_per_trial_trains_each_trial_over_launched_processes(tmp_path):
     assert any(float(t.abs().sum()) > 0 for n, t in trained.items() if "lora_B" in n)  # B starts at zero
     row = load_results(spec).set_index("trial").loc[good.number]
     assert 0 <= row["scienceqa.acc"] <= 1 and row["train_steps"] == 2
+    run = {r.info.run_id: r for r in get_runs(spec)}[good.user_attrs["mlflow_run_id"]]
+    assert run.data.tags["gpus_per_trial"] == "2"
 
 
 def test_gpus_per_trial_refuses_a_pruner(tmp_path):
