@@ -235,8 +235,20 @@ def _dev_metric(spec: StudySpec) -> str:
     return "mean.acc" if objective.direction == "maximize" else "ppl_fit"
 
 
-def _train_in_processes(model, spec: StudySpec, variant, training, ctx: TrialContext, callback):
-    """Train over ``ctx.processes`` GPUs in launched processes, then load their result into ``model``."""
+def _trainable_copy(base, spec: StudySpec):
+    """A copy of the base model to train, with fresh LoRA adapters when the spec asks for them."""
+    model = copy.deepcopy(base)
+    if spec.model.lora.enabled:
+        from unisd_components.lora import apply_lora
+
+        lora = spec.model.lora
+        model = apply_lora(model, lora.r, lora.alpha, lora.target_modules, dropout=lora.dropout)
+    return model
+
+
+def _train_in_processes(base, spec: StudySpec, variant, training, ctx: TrialContext, callback):
+    """Train over ``ctx.processes`` GPUs in launched processes; return ``(trained model, TrainResult)``,
+    the model being a copy of ``base`` with the weights the processes saved."""
     import torch
 
     from harness.data_parallel import train_in_processes
@@ -253,6 +265,7 @@ def _train_in_processes(model, spec: StudySpec, variant, training, ctx: TrialCon
         cache_dir=ctx.cache_dir / "train",
         callback=callback,
     )
+    model = _trainable_copy(base, spec)
     params = dict(model.named_parameters())
     unknown = sorted(set(trained) - set(params))
     if unknown:
@@ -260,7 +273,7 @@ def _train_in_processes(model, spec: StudySpec, variant, training, ctx: TrialCon
     with torch.no_grad():
         for name, tensor in trained.items():
             params[name].copy_(tensor)
-    return result
+    return model, result
 
 
 def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float]:
@@ -297,12 +310,8 @@ def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float
 
     ctx.progress.trial_phase("loading model")
     base, tokenizer = _base_model(spec)
-    model = copy.deepcopy(base)
-    if spec.model.lora.enabled:
-        from unisd_components.lora import apply_lora
-
-        lora = spec.model.lora
-        model = apply_lora(model, lora.r, lora.alpha, lora.target_modules, dropout=lora.dropout)
+    # Data-parallel: the training processes hold their own copies; this one is made after they finish.
+    model = _trainable_copy(base, spec) if ctx.processes == 1 else None
     examples = load_train_examples(spec.data)
     total = _planned_steps(training, len(examples), ctx.processes)
     ctx.progress.trial_steps(total)
@@ -310,7 +319,7 @@ def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float
     start = time.perf_counter()
     try:
         if ctx.processes > 1:
-            result = _train_in_processes(model, spec, variant, training, ctx, callback)
+            model, result = _train_in_processes(base, spec, variant, training, ctx, callback)
         else:
             from unisd_components.trainer import train_variant
 

@@ -214,9 +214,9 @@ def test_a_trial_trains_over_two_launched_processes_like_one_process(tmp_path, d
     )
     ctx.processes = 2
     seen: list[int] = []
-    trial_model, _ = _tiny()
-    result = _train_in_processes(
-        trial_model,
+    base, _ = _tiny()
+    trial_model, result = _train_in_processes(
+        base,
         spec,
         variant,
         TrainingConfig(batch_size=2, **TRAINING),
@@ -229,7 +229,7 @@ def test_a_trial_trains_over_two_launched_processes_like_one_process(tmp_path, d
         model, tok, load_train_examples(spec.data), variant, TrainingConfig(batch_size=4, **TRAINING)
     )
     _assert_same(_state(trial_model), _state(model), atol=1e-4)
-    assert not torch.equal(_state(trial_model)["model.norm.weight"], _state(_tiny()[0])["model.norm.weight"])
+    assert not torch.equal(_state(trial_model)["model.norm.weight"], _state(base)["model.norm.weight"])
     for mine, theirs in zip(result.history, single.history, strict=True):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
 
