@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         help="torch CPU threads for every method (default: torch's choice)",
     )
     args = parser.parse_args(argv)
+    from unisd_components.cpu_memory import keep_freed_memory
+
+    # Process-wide, so TRL gets it too; as the harness runs its trials (see the module's docstring).
+    print(f"glibc malloc tuning: {'on' if keep_freed_memory() else 'off'}", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -64,6 +64,9 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from harness.spec import load_spec
     from harness.study import run_study
+    from unisd_components.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # before the first model is loaded (see the module: ~6% per training step on CPU)
 
     spec = load_spec(args.spec).with_overrides(output_dir=args.output_dir, storage=args.storage)
     summary = run_study(spec, workers=args.workers, gpus_per_trial=args.gpus_per_trial, dry_run=args.dry_run)

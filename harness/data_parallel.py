@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train_process(work_dir: Path) -> int:
+    from unisd_components.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()
     import torch
     from safetensors.torch import save_file
 

@@ -594,6 +594,9 @@ def _interrupt_once() -> None:
 
 def _worker_main(args: _WorkerArgs) -> None:
     """Entry of a spawned worker process. Exit codes: 0 done, 130 interrupted, 2 user error, 1 crash."""
+    from unisd_components.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()
     _interrupt_once()
     if args.n_workers > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
         _pin_gpus(args.worker, args.gpus_per_trial)
