@@ -23,30 +23,35 @@ Note the teachers differ by design: SDFT's teacher reads prompt + gold demonstra
 demonstration context). TRL's teacher is an identical copy of the student with the same context, so its
 loss is exactly 0 at every step.
 
-Measured 2026-11-29 on the idle 2-core CPU box (``--steps 4 --rounds 2 --warmup 2``), median s/step:
+Measured 2026-11-29 on the idle 2-core CPU box (``--steps 4 --rounds 2 --warmup 2``), median s/step, with
+the glibc malloc tuning of :mod:`unisd_components.cpu_memory` on (process-wide, so for TRL too):
 
     method       generation  teacher  student  optimizer  total
-    sdft               4.70     1.18     3.61       0.19   9.68
-    unisd_star         4.76     6.99     3.66       0.20  15.75
-    trl                4.71     0.94     3.41       0.15   9.18
+    sdft               4.71     1.15     3.09       0.19   9.16
+    unisd_star         4.73     7.02     3.19       0.19  15.17
+    trl                4.66     0.95     3.37       0.15   9.12
 
-unisd_star / sdft = 1.63 (target <= 1.5: MISSED). Every phase but one is at parity (generation 1.01,
-student 1.01, optimizer 1.02); the teacher phase is 5.9x SDFT's because it scores 5 context rows per prompt
-instead of 1: ~7,150 tokens against ~1,120 (the K=3 agreement contexts each hold a donor's problem and
-solution before the prompt). Both run at the same ~1,100 tokens/s, i.e. at this CPU's fp32 matmul rate
-(mm is ~70% of the teacher's profile, attention 12%): the time is the tokens. Tried and not kept: other
-chunk budgets (1024 ties 2048; 4096 and 8192 are slower), and computing the shared heads of the contexts
-once (system prompt + donor header, prompt shared by the demonstration and negative contexts): it saves only
-~10% of the tokens and the regrouping it needs adds more padding than that (13% slower).
+and without it (the run before the tuning existed): sdft 9.68 (student 3.61), unisd_star 15.75,
+trl 9.18 (student 3.41). The tuning takes ~0.5 s off our steps and almost nothing off TRL's, whose chunked
+loss allocates fewer vocabulary-sized buffers.
 
-sdft / trl = 1.05 (target <= 1.0: MISSED by 0.5 s/step). Generation is at parity (both use ``generate``;
-a decode step is bound by reading the 0.54 GB of fp32 weights). The teacher is +0.24 s: its rows are the
-demonstration context, ~1.3x TRL's bare-prompt rows, at a better per-token rate than TRL's. The student is
-+0.20 s (6%): TRL computes its loss with a chunked kernel that fuses the LM-head projection and the
-divergence; ours materialises the [B,T,V] log-probs (the KL metric now reuses the forward-KL divergence
-instead of recomputing it). The optimizer is +0.04 s: the check that no weight went non-finite after
-the update. An earlier session's figures (1.11 and 1.51, one warm-up step, 2 timed steps) were noise from
-the second step's page faults; these replace them.
+unisd_star / sdft = 1.66 (1.63 without the tuning; target <= 1.5: MISSED). Every phase but one is at parity
+(generation 1.00, student 1.03, optimizer 1.00); the teacher phase is 6.1x SDFT's because it scores 5
+context rows per prompt instead of 1: ~7,150 tokens against ~1,120 (the K=3 agreement contexts each hold a
+donor's problem and solution before the prompt). Both run at the same ~1,100 tokens/s, i.e. at this CPU's
+fp32 matmul rate (mm is ~70% of the teacher's profile, attention 12%): the time is the tokens. Tried and
+not kept: other chunk budgets (1024 ties 2048; 4096 and 8192 are slower), and computing the shared heads
+of the contexts once (system prompt + donor header, prompt shared by the demonstration and negative
+contexts): it saves only ~10% of the tokens and the regrouping it needs adds more padding than that (13%
+slower).
+
+sdft / trl = 1.004 (1.05 without the tuning; target <= 1.0: at parity, met only to rounding). Generation
+is at parity (both use ``generate``; a decode step is bound by reading the 0.54 GB of fp32 weights). Our
+student (forward, loss, backward) is now 8% faster than TRL's; the teacher is +0.20 s because its rows
+are the demonstration context, ~1.3x TRL's bare-prompt rows (at a better per-token rate than TRL's); the
+optimizer is +0.04 s, the check that no weight went non-finite after the update. An earlier session's
+figures (1.11 and 1.51, one warm-up step, 2 timed steps) were noise from the second step's page faults;
+these replace them.
 
 Run: ``python benchmarks/step_time.py [--steps 4] [--rounds 2] [--warmup 2] [--model bundled:smollm2-135m-instruct]``
 (needs the bench extra: ``pip install trl``). Takes several minutes on a laptop CPU.
