@@ -47,7 +47,8 @@ def train_in_processes(
     """Train ``variant`` over ``processes`` processes; return ``(trained tensors, TrainResult)``.
 
     ``spec`` supplies the model and the training data. Raises ``NonFiniteLossError`` as the in-process
-    trainer does, and ``RuntimeError`` with the tail of the log when the processes fail otherwise.
+    trainer does, and ``RuntimeError`` with the failed process's own error line (or, when none wrote one,
+    the tail of the log) when the processes fail otherwise.
     """
     from unisd_components.trainer import NonFiniteLossError, TrainResult
 
@@ -170,8 +171,8 @@ def _train_process(work_dir: Path) -> int:
 
     from harness.models import load_model
     from harness.spec import DataSpec, ModelSpec
-    from harness.trial import load_train_examples
-    from unisd_components import TrainingConfig, VariantConfig, apply_lora, train_variant
+    from harness.trial import load_train_examples, with_spec_lora
+    from unisd_components import TrainingConfig, VariantConfig, train_variant
     from unisd_components.distributed import init_data_parallel, world
     from unisd_components.trainer import NonFiniteLossError
 
@@ -180,9 +181,7 @@ def _train_process(work_dir: Path) -> int:
     rank, _ = world()
     model_spec, data_spec = ModelSpec(**job["model"]), DataSpec(**job["data"])
     model, tokenizer = load_model(model_spec.ref, device=str(device), dtype=model_spec.dtype)
-    if model_spec.lora.enabled:
-        lora = model_spec.lora
-        model = apply_lora(model, lora.r, lora.alpha, lora.target_modules, dropout=lora.dropout)
+    model = with_spec_lora(model, model_spec.lora)
     history = open(work_dir / "history.jsonl", "a") if rank == 0 else None
 
     def write_step(step: int, metrics: dict[str, float]) -> None:

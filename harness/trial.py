@@ -29,10 +29,17 @@ from typing import TYPE_CHECKING, Any
 from harness.progress import StudyProgress
 
 if TYPE_CHECKING:
-    from harness.spec import DataSpec, StudySpec
+    from harness.spec import DataSpec, LoRASpec, StudySpec
     from harness.tracking import TrialRun
 
-__all__ = ["TrialContext", "load_train_examples", "reset_process_state", "run_trial", "warm_up"]
+__all__ = [
+    "TrialContext",
+    "load_train_examples",
+    "reset_process_state",
+    "run_trial",
+    "warm_up",
+    "with_spec_lora",
+]
 
 # Dev-set evaluations that feed the pruner, per trial (at evenly spaced optimizer steps).
 PRUNING_REPORTS = 4
@@ -235,15 +242,18 @@ def _dev_metric(spec: StudySpec) -> str:
     return "mean.acc" if objective.direction == "maximize" else "ppl_fit"
 
 
+def with_spec_lora(model, lora: LoRASpec):
+    """``model`` with fresh LoRA adapters when the spec's ``model.lora`` asks for them, else unchanged."""
+    if not lora.enabled:
+        return model
+    from unisd_components.lora import apply_lora
+
+    return apply_lora(model, lora.r, lora.alpha, lora.target_modules, dropout=lora.dropout)
+
+
 def _trainable_copy(base, spec: StudySpec):
     """A copy of the base model to train, with fresh LoRA adapters when the spec asks for them."""
-    model = copy.deepcopy(base)
-    if spec.model.lora.enabled:
-        from unisd_components.lora import apply_lora
-
-        lora = spec.model.lora
-        model = apply_lora(model, lora.r, lora.alpha, lora.target_modules, dropout=lora.dropout)
-    return model
+    return with_spec_lora(copy.deepcopy(base), spec.model.lora)
 
 
 def _train_in_processes(base, spec: StudySpec, variant, training, ctx: TrialContext, callback):

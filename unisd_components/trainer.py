@@ -168,7 +168,7 @@ def _train(model, tokenizer, examples, variant, training, cache_dir, callback, t
             for _ in range(training.grad_accum):
                 batch = distributed.shard(next(batches), rank, processes)
                 terms, metrics = _micro_step(runner, variant, batch, step)
-                loss = _checked_sum(terms, step, processes > 1)
+                loss = _checked_sum(terms, step)
                 with timer.phase("backward"):
                     (loss / training.grad_accum).backward()
                 metrics["loss"] = float(loss.detach())
@@ -218,11 +218,11 @@ def _micro_step(runner: StepRunner, variant: VariantConfig, batch, step: int):
     return runner.distill(batch, step, alpha=variant.alpha, on_policy=True)
 
 
-def _checked_sum(terms: dict[str, torch.Tensor], step: int, collective: bool = False) -> torch.Tensor:
+def _checked_sum(terms: dict[str, torch.Tensor], step: int) -> torch.Tensor:
     """Sum of the loss terms, each checked first so the error names the one that went bad.
 
-    ``collective``: every data-parallel process learns of a bad term anywhere and raises too, rather than
-    waiting forever for the failed one in the gradient all-reduce.
+    Under data parallelism every process learns of a bad term anywhere and raises too, rather than waiting
+    forever for the failed one in the gradient all-reduce.
     """
     if not terms:
         raise ValueError("the variant produced no loss term (match_repr without feature matching?)")
@@ -231,10 +231,9 @@ def _checked_sum(terms: dict[str, torch.Tensor], step: int, collective: bool = F
         if not torch.isfinite(value).all():
             error = NonFiniteLossError(step, name, float(value.detach().float()))
             break
-    if collective:
-        failure = distributed.first_failure(error)
-        if error is None and failure is not None:
-            raise NonFiniteLossError(step, f"a loss term of process {failure[0]} ({failure[1]})")
+    failure = distributed.first_failure(error)  # alone: just this process's error
+    if error is None and failure is not None:
+        raise NonFiniteLossError(step, f"a loss term of process {failure[0]} ({failure[1]})")
     if error is not None:
         raise error
     return sum(terms.values())  # type: ignore[return-value]
