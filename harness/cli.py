@@ -144,7 +144,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from harness.data import BENCHMARKS
-    from harness.evaluation.lmeval import PRIMARY, evaluate_model, task_name
+    from harness.evaluation.lmeval import evaluate_model, task_name
 
     benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     if not benchmarks:
@@ -183,7 +183,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     table.add_column("n", justify="right")
     m = result.metrics
     for name in benchmarks:
-        metric = PRIMARY[BENCHMARKS[name].kind]
+        metric = BENCHMARKS[name].metric
         n = m.get(f"{name}.n")
         table.add_row(name, metric, f"{m[f'{name}.{metric}']:.3f}", f"{n:.0f}" if n is not None else "")
     table.add_row("mean", "acc", f"{m['mean.acc']:.3f}", str(len(benchmarks)))

@@ -9,6 +9,6 @@ from __future__ import annotations
 
 from harness.data.errors import DataNotFoundError
 from harness.data.records import Example
-from harness.data.registry import BENCHMARKS, Benchmark, load_benchmark
+from harness.data.registry import BENCHMARKS, Benchmark, load_benchmark, register_benchmark
 
-__all__ = ["BENCHMARKS", "Benchmark", "DataNotFoundError", "Example", "load_benchmark"]
+__all__ = ["BENCHMARKS", "Benchmark", "DataNotFoundError", "Example", "load_benchmark", "register_benchmark"]
