@@ -13,33 +13,12 @@ from harness.errors import HarnessError
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from harness.plan import describe_plan
+    from harness.plan import describe_plan, format_plan
     from harness.spec import load_spec
 
     spec = load_spec(args.spec)
-    plan = describe_plan(spec)
-    variants = plan["variants"]
-    shown = ", ".join(variants[:8]) + (f", ... ({len(variants) - 8} more)" if len(variants) > 8 else "")
-    if spec.search.sampler == "grid":
-        trials = f"{plan['n_trials']} ({plan['fixed_trials'] // len(spec.seeds)} points x {len(spec.seeds)} seed(s))"
-    else:
-        budget = (
-            f"{plan['searched_trials']} searched" if plan["searched_trials"] else "searched until timeout"
-        )
-        trials = f"{plan['fixed_trials']} fixed + {budget}"
-    lora = f", LoRA r={spec.model.lora.r}" if spec.model.lora.enabled else ""
-    size = spec.data.train_size
-    limit = spec.evaluation.limit
     print(f"{args.spec}: valid")
-    print(f"  study       {spec.name}")
-    print(f"  model       {spec.model.ref} ({spec.model.dtype}{lora})")
-    print(f"  variants    {len(variants)}: {shown}")
-    print(f"  trials      {trials}")
-    print(f"  train on    {', '.join(spec.data.train) or '-'} ({size or 'all'} per benchmark)")
-    print(f"  evaluate    {', '.join(spec.evaluation.benchmarks)} ({limit or 'all'} per benchmark)")
-    print(f"  seeds       {', '.join(map(str, spec.seeds))}")
-    print(f"  sampler     {spec.search.sampler}; objectives: {', '.join(plan['objectives'])}")
-    print(f"  output      {spec.output_path}")
+    print(format_plan(describe_plan(spec)))
     return 0
 
 

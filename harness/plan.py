@@ -413,6 +413,7 @@ def describe_plan(spec: StudySpec) -> dict[str, Any]:
     return {
         "study": spec.name,
         "model": spec.model.ref,
+        "model_setup": spec.model.dtype + (f", LoRA r={spec.model.lora.r}" if spec.model.lora.enabled else ""),
         "sampler": spec.search.sampler,
         "variants": variants,
         "n_variants": len(variants),
@@ -441,7 +442,8 @@ def describe_plan(spec: StudySpec) -> dict[str, Any]:
 
 
 def format_plan(plan: Mapping[str, Any]) -> str:
-    """:func:`describe_plan`'s dict as the few lines ``--dry-run`` prints."""
+    """:func:`describe_plan`'s dict as the few lines ``harness validate`` and ``--dry-run`` print (the one
+    plan formatter: both commands show the same facts the same way)."""
     variants = plan["variants"]
     shown = ", ".join(variants[:10]) + (f", ... ({len(variants) - 10} more)" if len(variants) > 10 else "")
     if plan["sampler"] == "grid":
@@ -454,7 +456,7 @@ def format_plan(plan: Mapping[str, Any]) -> str:
         trials = f"{plan['fixed_trials']} fixed (baselines) + {budget} ({plan['sampler']})"
     tokens = plan["generated_tokens"]
     lines = [
-        f"study {plan['study']}: {plan['model']}",
+        f"study {plan['study']}: {plan['model']}" + (f" ({plan['model_setup']})" if "model_setup" in plan else ""),
         f"  variants   {len(variants)}: {shown}",
         f"  trials     {trials}",
         f"  train      {', '.join(plan['train_benchmarks']) or '-'} "

@@ -61,22 +61,28 @@ def test_every_shipped_study_validates(capsys, study):
     code, out, err = _run(capsys, "validate", str(study))
     assert code == 0, err
     assert f"{study}: valid" in out
-    for label in ("variants", "trials", "evaluate", "seeds", "sampler"):
+    for label in ("variants", "trials", "evaluate", "seeds", "objectives", "GPU hours"):
         assert label in out
 
 
 def test_summary_counts_smoke_and_full_ablation(capsys):
     _, out, _ = _run(capsys, "validate", str(REPO / "studies" / "smoke.yaml"))
-    assert "variants    4:" in out and "trials      4 (4 points x 1 seed(s))" in out
-    assert "evaluate    scienceqa, mbpp (4 per benchmark)" in out
+    assert "variants   4:" in out and "trials     4 (4 variants x 1 seed(s), grid)" in out
+    assert "evaluate   scienceqa, mbpp (8 examples per trial)" in out
     _, out, _ = _run(capsys, "validate", str(REPO / "studies" / "full_ablation.yaml"))
-    assert "variants    36:" in out and "trials      108 (36 points x 3 seed(s))" in out
+    assert "variants   36:" in out and "trials     108 (36 variants x 3 seed(s), grid)" in out
+    # the same lines as the dry-run plan: one formatter
+    from harness.plan import describe_plan, format_plan
+    from harness.spec import load_spec
+
+    plan = format_plan(describe_plan(load_spec(REPO / "studies" / "full_ablation.yaml")))
+    assert out == f"{REPO / 'studies' / 'full_ablation.yaml'}: valid\n{plan}\n"
 
 
 def test_valid_minimal_spec(capsys, tmp_path):
     code, out, _ = _run(capsys, "validate", str(_write(tmp_path, VALID)))
     assert code == 0
-    assert "variants    3: base, sft, unisd[ema]" in out
+    assert "variants   3: base, sft, unisd[ema]" in out
 
 
 def test_missing_file(capsys, tmp_path):

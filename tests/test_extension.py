@@ -177,7 +177,7 @@ def _trial_dir(folder: Path, variant_name: str) -> Path:
 def test_a_sixth_mechanism_is_one_module(toy_study):
     folder, output = toy_study
     # accepted by the spec and planned
-    assert "toy.yaml: valid" in output and "variants    2: sdft, unisd[toy_entropy]" in output
+    assert "toy.yaml: valid" in output and "variants   2: sdft, unisd[toy_entropy]" in output
     # trained: its loss term and its metric reach the history
     trial = _trial_dir(folder, "unisd[toy_entropy]")
     variant = json.loads((trial / "variant.json").read_text())["variant"]
