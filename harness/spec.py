@@ -254,6 +254,7 @@ COMPONENT_SECTIONS: dict[str, type[BaseModel]] = {
     name: _section_model(config, config.__name__.removesuffix("Config") + "Spec")
     for name, config in COMPONENT_CONFIGS.items()
 }
+globals().update({section.__name__: section for section in COMPONENT_SECTIONS.values()})  # for pickle
 GKDSpec = _section_model(GKDConfig, "GKDSpec")
 TrainingSpec = _section_model(TrainingConfig, "TrainingSpec", skip=("seed",))
 _ALPHA_TYPE, _ALPHA_FIELD = _hyperparameter(VariantConfig.model_fields["alpha"])

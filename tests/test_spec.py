@@ -239,3 +239,12 @@ def test_fixed_spec_data_with_a_chosen_subset(tmp_path):
     names = [p.name for p in grid_points(pinned) if p.seed == 0]
     assert names == ["base", "sft", "unisd[agreement+ema]"]
     assert grid_points(pinned)[-1].variant.ema.beta == 0.6
+
+
+def test_a_spec_with_every_section_pickles_for_worker_processes():
+    """Workers are spawned processes: the spec, its generated section classes included, must pickle."""
+    import pickle
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "studies" / "full_ablation.yaml")
+    assert all(getattr(spec.method, name) is not None for name in ("agreement", "ema"))
+    assert pickle.loads(pickle.dumps(spec)) == spec
