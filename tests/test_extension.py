@@ -2,8 +2,8 @@
 
 The toy mechanism (``toy_entropy``: an entropy bonus) and the toy benchmark (``toy_arith``: synthetic
 additions as multiple choice, with its own lm-eval task folder) are defined in this file as module
-sources and written to a temporary folder; a driver process imports them (each registers itself), then
-runs the ordinary ``harness`` commands: ``validate`` (the spec accepts both names, the plan counts and
+sources and written to a temporary folder, named in ``$UNISD_PLUGINS`` (each registers itself when
+imported), then the ordinary ``harness`` commands run: ``validate`` (the spec accepts both names, the plan counts and
 sizes them), ``run`` (the variant with the toy mechanism trains, every trial is evaluated on the toy
 benchmark) and the report (the toy mechanism is a factor, the toy benchmark a metric). No file of the
 repository is touched.
@@ -55,7 +55,10 @@ register_mechanism(ToyEntropyConfig, ToyEntropyComponent)
 TOY_BENCHMARK = '''
 """Benchmark 7 (toy): which of four numbers is a + b, as multiple choice; generated, no files."""
 import random
+import sys
+from pathlib import Path
 
+from harness.data import register_benchmark
 from harness.data.prompts import LETTERS, mc_demonstration, mc_prompt, user_messages
 from harness.data.records import Example
 
@@ -91,6 +94,9 @@ def load_local(folder, split):
 
 def load_hub(split):
     return _examples(split)
+
+
+register_benchmark(sys.modules[__name__], task_dir=Path(__file__).parent / "tasks" / "toy_arith")
 '''
 
 TOY_TASK = """
@@ -127,21 +133,6 @@ evaluation: {benchmarks: [toy_arith, scienceqa], limit: 2, batch_size: 2, max_ge
 output_dir: runs/toy
 """
 
-DRIVER = '''
-import sys
-sys.path.insert(0, sys.argv[1])
-import toy_mechanism  # registers toy_entropy
-import toy_benchmark  # its module: the record and its task folder
-from harness.data import register_benchmark
-register_benchmark(toy_benchmark, task_dir=sys.argv[1] + "/tasks/toy_arith")
-from harness.cli import main
-for command in (["validate", "toy.yaml"], ["run", "toy.yaml", "--dry-run"], ["run", "toy.yaml"]):
-    code = main(command)
-    if code:
-        sys.exit(code)
-'''
-
-
 @pytest.fixture(scope="module")
 def toy_study(tmp_path_factory) -> tuple[Path, str]:
     folder = tmp_path_factory.mktemp("toy")
@@ -152,18 +143,23 @@ def toy_study(tmp_path_factory) -> tuple[Path, str]:
     (tasks / "unisd_toy_arith.yaml").write_text(TOY_TASK)
     (tasks / "utils.py").write_text(textwrap.dedent(TOY_TASK_UTILS))
     (folder / "toy.yaml").write_text(STUDY)
-    (folder / "driver.py").write_text(DRIVER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, "driver.py", str(folder)],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(folder), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "UNISD_PLUGINS": "toy_mechanism,toy_benchmark",  # imported with the built-ins, in every process
+    }
+    output = ""
+    for command in (["validate", "toy.yaml"], ["run", "toy.yaml", "--dry-run"], ["run", "toy.yaml"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "harness", *command],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        output += proc.stdout + proc.stderr
+        assert proc.returncode == 0, output[-4000:]
     return folder, output
 
 

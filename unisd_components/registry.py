@@ -5,8 +5,8 @@ A mechanism is one module that declares its config (a :class:`MechanismConfig`) 
 :func:`register_mechanism` when imported. From the registry derive ``COMPONENT_NAMES`` and the
 ``VariantConfig`` fields (:mod:`unisd_components.config`), the study spec's component literal and
 sections, the plan's cost model, the tracking columns and the report. A sixth mechanism is one new
-module plus one line in :data:`BUILTIN_MODULES` (or, outside this package, an import of the module
-before ``unisd_components.config`` is first imported); no other edit.
+module plus one line in :data:`BUILTIN_MODULES` (or, outside this package, its name in
+``$UNISD_PLUGINS``, imported with the built-ins in every process); no other edit.
 
 Why the derived structures freeze: ``VariantConfig`` and the spec are Pydantic models built once, at
 import. A mechanism registered after they were built would be silently missing from them, so
@@ -30,6 +30,7 @@ Example (a mechanism module)::
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUILTIN_MODULES",
+    "PLUGINS_ENV",
     "REGISTRY",
     "Component",
     "ExtraContexts",
@@ -88,12 +90,23 @@ REGISTRY: dict[str, type[Component]] = {}
 _state: dict[str, Any] = {"builtins": False, "frozen_by": None}
 
 
+# Extension modules to import with the built-ins, comma-separated: how a mechanism (or a benchmark, which
+# registers with harness.data the same way) defined outside the package reaches every process of a study,
+# spawned workers and data-parallel training processes included.
+PLUGINS_ENV = "UNISD_PLUGINS"
+
+
 def _load_builtins() -> None:
     if _state["builtins"]:
         return
     _state["builtins"] = True  # set first: the modules below call register_mechanism while importing
     for module in BUILTIN_MODULES:
         importlib.import_module(module)
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ImportError(f"${PLUGINS_ENV}: cannot import {module!r}: {err}") from err
 
 
 def register_mechanism(config: type[BaseModel], component: type[Component]) -> Mechanism:

@@ -10,6 +10,8 @@ Example::
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ __all__ = [
     "TASKS_DIR",
     "Benchmark",
     "freeze_benchmarks",
+    "load_plugins",
     "load_benchmark",
     "register_benchmark",
     "subsample",
@@ -132,6 +135,17 @@ def register_benchmark(module: ModuleType, *, task_dir: str | Path | None = None
         )
     _BENCHMARKS[record.name] = record
     return record
+
+
+def load_plugins() -> None:
+    """Import the modules named in ``$UNISD_PLUGINS`` (comma-separated; the variable
+    ``unisd_components.registry`` reads for mechanisms too): a benchmark defined outside the package
+    registers itself on import, in every process of a study. Called when ``harness.data`` is imported."""
+    for module in filter(None, (m.strip() for m in os.environ.get("UNISD_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise HarnessError(f"$UNISD_PLUGINS: cannot import {module!r}: {err}") from None
 
 
 def freeze_benchmarks(by: str) -> Mapping[str, Benchmark]:
