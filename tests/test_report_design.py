@@ -1,0 +1,161 @@
+"""Reports on fractional designs, paired comparisons and presets beside the factorial (issue 14)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness.cli import main
+from harness.design import fractional_design, full_design
+from harness.report import build_report
+
+FIVE = ["agreement", "contrastive", "ema", "feature_matching", "clipping"]
+MAIN = dict(zip(FIVE, (0.06, -0.03, 0.04, 0.0, 0.02), strict=True))
+PAIRS = {"agreement×ema": 0.05, "contrastive×clipping": -0.04}
+SE = 0.005
+
+
+def _truth(z: np.ndarray) -> np.ndarray:
+    """0.5 + planted main effects and pair interactions, in the report's units (±1 coefficients /2, /4)."""
+    x = 2 * z - 1
+    y = 0.5 + x @ np.array([MAIN[c] for c in FIVE]) / 2
+    for key, value in PAIRS.items():
+        a, b = key.split("×")
+        y = y + value / 4 * x[:, FIVE.index(a)] * x[:, FIVE.index(b)]
+    return y
+
+
+def _table(runs, rng: np.random.Generator | None) -> pd.DataFrame:
+    z = np.array(runs, dtype=float)
+    y = _truth(z) + (rng.normal(0, SE, len(z)) if rng is not None else 0.0)
+    df = pd.DataFrame(z.astype(int), columns=FIVE)
+    return df.assign(**{"mean.acc": y, "mean.acc_se": SE})
+
+
+def _from_csv(tmp_path, df: pd.DataFrame, name: str) -> tuple[dict, str]:
+    csv = tmp_path / f"{name}.csv"
+    df.to_csv(csv, index=False)
+    out = tmp_path / name
+    argv = ["report", "--from-csv", str(csv), "--components", ",".join(FIVE), "--metrics", "mean.acc", "--out", str(out)]
+    assert main(argv) == 0
+    return json.loads((out / "effects.json").read_text())["mean.acc"], (out / "report.md").read_text()
+
+
+def test_from_csv_recovers_planted_effects_on_a_16_row_resolution_v_fraction(tmp_path, capsys):
+    runs = fractional_design(FIVE, 5).runs
+    data, text = _from_csv(tmp_path, _table(runs, np.random.default_rng(7)), "half")
+    assert data["design"]["name"] == "2^(5−1) fraction, resolution V" and data["design"]["runs"] == 16
+    assert "2^(5−1) fraction, resolution V, 16 of 32 subsets" in text
+    fit = {t["term"]: t for t in data["fit"]}
+    truth = {**MAIN, **PAIRS}
+    assert len(fit) == 15 and all(t["estimate"] is not None for t in fit.values())
+    for term, value in truth.items():  # planted effects inside their 95% CI (per-question errors, 16 rows)
+        assert fit[term]["ci_low"] < value < fit[term]["ci_high"], term
+    # the CI is ±1.96 · 2·SE/√16 for a main effect, twice that for a pair (report units)
+    assert fit["ema"]["ci_high"] - fit["ema"]["ci_low"] == pytest.approx(2 * 1.96 * SE / 2, rel=1e-3)
+    assert fit["ema"]["chain"] == "ema − agreement×contrastive×feature_matching×clipping"
+    assert data["shapley"] == dict.fromkeys(FIVE)
+    assert "Shapley values are not computed" in text and "n/a" not in text
+
+
+def test_full_32_rows_and_their_half_fraction_agree(tmp_path, capsys):
+    rng = np.random.default_rng(11)
+    full = _table(full_design(FIVE).runs, rng)
+    half_runs = set(fractional_design(FIVE, 5).runs)
+    half = full[[tuple(r) in half_runs for r in full[FIVE].to_numpy()]]
+    full_data, _ = _from_csv(tmp_path, full, "full")
+    half_data, _ = _from_csv(tmp_path, half, "half")
+    assert full_data["design"]["name"] == "2^5 full factorial" and len(half) == 16
+    fit = {t["term"]: t for t in half_data["fit"]}
+    for c in FIVE:
+        assert abs(full_data["main_effects"][c] - half_data["main_effects"][c]) < fit[c]["ci_high"] - fit[c]["estimate"]
+    for key in full_data["interactions"]:
+        diff = abs(full_data["interactions"][key] - half_data["interactions"][key])
+        assert diff < fit[key]["ci_high"] - fit[key]["estimate"], key
+    # without noise (and no interaction of three or more), the two analyses are identical
+    exact_full = _table(full_design(FIVE).runs, None)
+    exact_half = exact_full[[tuple(r) in half_runs for r in exact_full[FIVE].to_numpy()]]
+    a, _ = _from_csv(tmp_path, exact_full, "exact_full")
+    b, _ = _from_csv(tmp_path, exact_half, "exact_half")
+    assert b["main_effects"] == pytest.approx(a["main_effects"], abs=1e-12)
+    assert b["interactions"] == pytest.approx(a["interactions"], abs=1e-12)
+
+
+def _study_rows(with_preset: bool) -> pd.DataFrame:
+    rows, trial = [], 0
+    levels = {(0, 0): 0.40, (1, 0): 0.45, (0, 1): 0.41, (1, 1): 0.50}
+    for seed in (0, 1):
+        rows.append({"trial": trial, "variant": "base", "family": "base", "seed": seed, "ema": 0, "clipping": 0, "mean.acc": 0.3})
+        trial += 1
+        for (e, c), level in levels.items():
+            name = "sdft" if (e, c) == (0, 0) else "unisd[" + "+".join(n for n, on in (("ema", e), ("clipping", c)) if on) + "]"
+            family = "baseline" if name == "sdft" else "unisd"
+            rows.append({"trial": trial, "variant": name, "family": family, "seed": seed, "ema": e, "clipping": c, "mean.acc": level + 0.01 * seed})
+            trial += 1
+        if with_preset:  # a preset whose components equal the {ema, clipping} cell, with a very different score
+            rows.append({"trial": trial, "variant": "unisd_star", "family": "unisd", "seed": seed, "ema": 1, "clipping": 1, "mean.acc": 0.9})
+            trial += 1
+    return pd.DataFrame(rows).assign(state="COMPLETE")
+
+
+def test_presets_are_never_pooled_into_the_factorial(tmp_path):
+    kw = {"components": ["ema", "clipping"], "metrics": ["mean.acc"], "title": "t"}
+    without = build_report(_study_rows(False), out_dir=tmp_path / "a", **kw)
+    with_ = build_report(_study_rows(True), out_dir=tmp_path / "b", **kw)
+    a = json.loads(without.effects_json.read_text())["mean.acc"]
+    b = json.loads(with_.effects_json.read_text())["mean.acc"]
+    for key in ("main_effects", "interactions", "shapley", "subsets"):
+        assert a[key] == b[key], key
+    assert "unisd_star" in with_.markdown.read_text()  # reported beside the factorial
+
+
+def _records(rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A quickstart-shaped study: base, sft, sdft, two subsets and a preset; one seed; 0/1 per question."""
+    skill = {"base": 0.3, "sft": 0.35, "sdft": 0.4, "unisd[ema]": 0.75, "unisd[feature_matching]": 0.42, "unisd_star": 0.45}
+    family = {"base": "base", "sft": "baseline", "sdft": "baseline", "unisd_star": "unisd"}
+    comps = {"unisd[ema]": (1, 0), "unisd[feature_matching]": (0, 1), "unisd_star": (1, 1)}
+    records, rows = [], []
+    for t, (v, p) in enumerate(skill.items()):
+        scores = {}
+        for b in ("scienceqa", "mbpp"):
+            metric = "scienceqa.acc" if b == "scienceqa" else "mbpp.pass_at_1"
+            s = (rng.random(60) < p).astype(float)
+            scores[metric] = s.mean()
+            records += [{"variant": v, "seed": 0, "benchmark": b, "question": f"{b}{q}", "metric": metric, "score": x} for q, x in enumerate(s)]
+        e, f = comps.get(v, (0, 0))
+        rows.append({"trial": t, "state": "COMPLETE", "variant": v, "family": family.get(v, "unisd"), "seed": 0, "ema": e, "feature_matching": f, **scores, "mean.acc": np.mean(list(scores.values()))})
+    return pd.DataFrame(rows), pd.DataFrame(records)
+
+
+def test_report_leads_with_paired_cis_against_base_and_sdft_and_states_the_mde(tmp_path):
+    df, records = _records(np.random.default_rng(3))
+    files = build_report(
+        df, components=["ema", "feature_matching"], metrics=["scienceqa.acc", "mbpp.pass_at_1", "mean.acc"],
+        out_dir=tmp_path, title="q", questions=records,
+    )  # fmt: skip
+    text = files.markdown.read_text()
+    assert text.index("## Paired comparisons") < text.index("## Results") < text.index("## Component effects")
+    assert "### Against base" not in text  # tables are captions, not headings
+    data = json.loads(files.effects_json.read_text())
+    assert data["_paired"]["references"] == ["base", "sdft"]
+    for ref in ("base", "sdft"):
+        assert set(data["_paired"]["comparisons"][ref]) == set(df.variant) - {ref}
+    ema = data["_paired"]["comparisons"]["base"]["unisd[ema]"]["mean.acc"]
+    assert ema["ci_low"] > 0  # a 0.45 gap on 120 questions is clear
+    assert "distinguishable from noise (paired 95% CI excludes 0): " in text and "unisd[ema] (+" in text
+    results = pd.read_csv(files.results_csv)
+    assert len(results) == 6
+    # results table: "+0.xxx [+0.xxx, +0.xxx]" against base
+    row = next(line for line in text.splitlines() if line.startswith("| unisd[ema]"))
+    assert f"{ema['estimate']:+.3f} [{ema['ci_low']:+.3f}, {ema['ci_high']:+.3f}]" in row
+    mde = {r["metric"]: r for r in data["_mde"]}
+    assert set(mde) == {"scienceqa.acc", "mbpp.pass_at_1", "mean.acc"}
+    assert mde["scienceqa.acc"]["questions"] == 60 and 0 < mde["mean.acc"]["mde"] < mde["scienceqa.acc"]["mde"]
+    assert "Minimum detectable effect" in text and "scienceqa.acc 0." in text
+    # the quickstart's factorial rows ({}, {ema}, {fm}) identify no main effect: one sentence, no n/a table
+    assert "form neither a full factorial nor a regular fraction" in text
+    assert "| n/a" not in text
