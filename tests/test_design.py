@@ -32,7 +32,9 @@ def test_resolution_five_half_fraction_of_five_components():
     # main effects and pair interactions are orthogonal to each other: a resolution-V fraction
     assert _balanced(d, 4) and not _balanced(d, 5)
     assert d.alias_chain(d.mask(["ema"])) == "ema − agreement×contrastive×feature_matching×clipping"
-    assert d.alias_chain(d.mask(["agreement", "ema"])) == "agreement×ema − contrastive×feature_matching×clipping"
+    assert (
+        d.alias_chain(d.mask(["agreement", "ema"])) == "agreement×ema − contrastive×feature_matching×clipping"
+    )
     assert d.name() == "2^(5−1) fraction, resolution V"
 
 
@@ -62,7 +64,9 @@ def test_recognise_full_fraction_and_neither():
     assert got is not None and got.words == half.words
     # the other half (a coset without the empty subset) is recognised too, with the opposite sign
     other = [r for r in full_design(FIVE).runs if r not in half.runs]
-    assert recognise_design(other, FIVE).relation() == "I = +agreement×contrastive×ema×feature_matching×clipping"
+    assert (
+        recognise_design(other, FIVE).relation() == "I = +agreement×contrastive×ema×feature_matching×clipping"
+    )
     assert recognise_design(half.runs[:15], FIVE) is None
     assert recognise_design(full_design("abc").runs[:4], "abc") is None  # 4 runs, but not a regular fraction
 
@@ -82,7 +86,6 @@ def test_fit_recovers_planted_effects_with_replicates_and_per_question_errors():
     y = _planted(z) + rng.normal(0, 0.01, len(z))
     terms, info = fit_terms(d, z, y)
     assert info["df_resid"] == 48 - 16 and "replicate" in info["error"]
-    by = {t.term: t for t in terms}
     truth = {**dict(zip(FIVE, (0.1, -0.05, 0.02, 0.0, 0.03), strict=True)), "agreement×ema": 0.04}
     assert len(terms) == 15 and all(t.aliased_with is None for t in terms)
     for t in terms:  # within four standard errors of the truth (0 for the pairs not planted)

@@ -80,7 +80,15 @@ def test_compare_on_records_aligns_questions_and_stratifies():
     rows = []
     for variant, scores in (("base", [0, 0, 1, 0, 1]), ("x", [1, 0, 1, 1, 1])):
         for q, s in enumerate(scores):
-            rows.append({"variant": variant, "seed": 0, "benchmark": "b1" if q < 3 else "b2", "question": f"q{q}", "score": s})
+            rows.append(
+                {
+                    "variant": variant,
+                    "seed": 0,
+                    "benchmark": "b1" if q < 3 else "b2",
+                    "question": f"q{q}",
+                    "score": s,
+                }
+            )
     rows.append({"variant": "x", "seed": 0, "benchmark": "b2", "question": "only_x", "score": 1})
     records = pd.DataFrame(rows)
     out = compare(records, ["x"], ["base"], ["b1", "b2"])

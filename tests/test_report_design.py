@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import numpy as np
@@ -40,7 +39,17 @@ def _from_csv(tmp_path, df: pd.DataFrame, name: str) -> tuple[dict, str]:
     csv = tmp_path / f"{name}.csv"
     df.to_csv(csv, index=False)
     out = tmp_path / name
-    argv = ["report", "--from-csv", str(csv), "--components", ",".join(FIVE), "--metrics", "mean.acc", "--out", str(out)]
+    argv = [
+        "report",
+        "--from-csv",
+        str(csv),
+        "--components",
+        ",".join(FIVE),
+        "--metrics",
+        "mean.acc",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     return json.loads((out / "effects.json").read_text())["mean.acc"], (out / "report.md").read_text()
 
@@ -72,7 +81,10 @@ def test_full_32_rows_and_their_half_fraction_agree(tmp_path, capsys):
     assert full_data["design"]["name"] == "2^5 full factorial" and len(half) == 16
     fit = {t["term"]: t for t in half_data["fit"]}
     for c in FIVE:
-        assert abs(full_data["main_effects"][c] - half_data["main_effects"][c]) < fit[c]["ci_high"] - fit[c]["estimate"]
+        assert (
+            abs(full_data["main_effects"][c] - half_data["main_effects"][c])
+            < fit[c]["ci_high"] - fit[c]["estimate"]
+        )
     for key in full_data["interactions"]:
         diff = abs(full_data["interactions"][key] - half_data["interactions"][key])
         assert diff < fit[key]["ci_high"] - fit[key]["estimate"], key
@@ -89,15 +101,51 @@ def _study_rows(with_preset: bool) -> pd.DataFrame:
     rows, trial = [], 0
     levels = {(0, 0): 0.40, (1, 0): 0.45, (0, 1): 0.41, (1, 1): 0.50}
     for seed in (0, 1):
-        rows.append({"trial": trial, "variant": "base", "family": "base", "seed": seed, "ema": 0, "clipping": 0, "mean.acc": 0.3})
+        rows.append(
+            {
+                "trial": trial,
+                "variant": "base",
+                "family": "base",
+                "seed": seed,
+                "ema": 0,
+                "clipping": 0,
+                "mean.acc": 0.3,
+            }
+        )
         trial += 1
         for (e, c), level in levels.items():
-            name = "sdft" if (e, c) == (0, 0) else "unisd[" + "+".join(n for n, on in (("ema", e), ("clipping", c)) if on) + "]"
+            name = (
+                "sdft"
+                if (e, c) == (0, 0)
+                else "unisd[" + "+".join(n for n, on in (("ema", e), ("clipping", c)) if on) + "]"
+            )
             family = "baseline" if name == "sdft" else "unisd"
-            rows.append({"trial": trial, "variant": name, "family": family, "seed": seed, "ema": e, "clipping": c, "mean.acc": level + 0.01 * seed})
+            rows.append(
+                {
+                    "trial": trial,
+                    "variant": name,
+                    "family": family,
+                    "seed": seed,
+                    "ema": e,
+                    "clipping": c,
+                    "mean.acc": level + 0.01 * seed,
+                }
+            )
             trial += 1
-        if with_preset:  # a preset whose components equal the {ema, clipping} cell, with a very different score
-            rows.append({"trial": trial, "variant": "unisd_star", "family": "unisd", "seed": seed, "ema": 1, "clipping": 1, "mean.acc": 0.9})
+        if (
+            with_preset
+        ):  # a preset whose components equal the {ema, clipping} cell, with a very different score
+            rows.append(
+                {
+                    "trial": trial,
+                    "variant": "unisd_star",
+                    "family": "unisd",
+                    "seed": seed,
+                    "ema": 1,
+                    "clipping": 1,
+                    "mean.acc": 0.9,
+                }
+            )
             trial += 1
     return pd.DataFrame(rows).assign(state="COMPLETE")
 
@@ -115,7 +163,14 @@ def test_presets_are_never_pooled_into_the_factorial(tmp_path):
 
 def _records(rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A quickstart-shaped study: base, sft, sdft, two subsets and a preset; one seed; 0/1 per question."""
-    skill = {"base": 0.3, "sft": 0.35, "sdft": 0.4, "unisd[ema]": 0.75, "unisd[feature_matching]": 0.42, "unisd_star": 0.45}
+    skill = {
+        "base": 0.3,
+        "sft": 0.35,
+        "sdft": 0.4,
+        "unisd[ema]": 0.75,
+        "unisd[feature_matching]": 0.42,
+        "unisd_star": 0.45,
+    }
     family = {"base": "base", "sft": "baseline", "sdft": "baseline", "unisd_star": "unisd"}
     comps = {"unisd[ema]": (1, 0), "unisd[feature_matching]": (0, 1), "unisd_star": (1, 1)}
     records, rows = [], []
@@ -125,9 +180,24 @@ def _records(rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
             metric = "scienceqa.acc" if b == "scienceqa" else "mbpp.pass_at_1"
             s = (rng.random(60) < p).astype(float)
             scores[metric] = s.mean()
-            records += [{"variant": v, "seed": 0, "benchmark": b, "question": f"{b}{q}", "metric": metric, "score": x} for q, x in enumerate(s)]
+            records += [
+                {"variant": v, "seed": 0, "benchmark": b, "question": f"{b}{q}", "metric": metric, "score": x}
+                for q, x in enumerate(s)
+            ]
         e, f = comps.get(v, (0, 0))
-        rows.append({"trial": t, "state": "COMPLETE", "variant": v, "family": family.get(v, "unisd"), "seed": 0, "ema": e, "feature_matching": f, **scores, "mean.acc": np.mean(list(scores.values()))})
+        rows.append(
+            {
+                "trial": t,
+                "state": "COMPLETE",
+                "variant": v,
+                "family": family.get(v, "unisd"),
+                "seed": 0,
+                "ema": e,
+                "feature_matching": f,
+                **scores,
+                "mean.acc": np.mean(list(scores.values())),
+            }
+        )
     return pd.DataFrame(rows), pd.DataFrame(records)
 
 
@@ -154,7 +224,9 @@ def test_report_leads_with_paired_cis_against_base_and_sdft_and_states_the_mde(t
     assert f"{ema['estimate']:+.3f} [{ema['ci_low']:+.3f}, {ema['ci_high']:+.3f}]" in row
     mde = {r["metric"]: r for r in data["_mde"]}
     assert set(mde) == {"scienceqa.acc", "mbpp.pass_at_1", "mean.acc"}
-    assert mde["scienceqa.acc"]["questions"] == 60 and 0 < mde["mean.acc"]["mde"] < mde["scienceqa.acc"]["mde"]
+    assert (
+        mde["scienceqa.acc"]["questions"] == 60 and 0 < mde["mean.acc"]["mde"] < mde["scienceqa.acc"]["mde"]
+    )
     assert "Minimum detectable effect" in text and "scienceqa.acc 0." in text
     # the quickstart's factorial rows ({}, {ema}, {fm}) identify no main effect: one sentence, no n/a table
     assert "form neither a full factorial nor a regular fraction" in text

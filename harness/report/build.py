@@ -250,7 +250,11 @@ def _effect_blocks(
                     if have
                     else ", and no component has a matched on/off pair."
                 )
-                + (f" Missing subsets: {', '.join(effects['missing_subsets'])}." if effects["missing_subsets"] else "")
+                + (
+                    f" Missing subsets: {', '.join(effects['missing_subsets'])}."
+                    if effects["missing_subsets"]
+                    else ""
+                )
             )
         )
         if have:
@@ -268,14 +272,21 @@ def _effect_blocks(
             blocks.append(Table(pd.DataFrame(rows), f"Conditional effects on {metric} (matched pairs only)"))
         blocks.append(Bullets(tuple(effects["notes"])))
         return blocks, figures
-    blocks.append(Paragraph(f"Design: {design['name']}, {design['runs']} of {design['of']} subsets; {design['relation']}."))
+    blocks.append(
+        Paragraph(
+            f"Design: {design['name']}, {design['runs']} of {design['of']} subsets; {design['relation']}."
+        )
+    )
     anova = effects["anova"]
     terms = anova["terms"] if anova else {}
     full = design["resolution"] is None
     rows = []
     for c in components:
         t = fit.get(c, {})
-        row = {"component": c, "main effect [95% CI]": _ci_text(effects["main_effects"][c], t.get("ci_low"), t.get("ci_high"))}
+        row = {
+            "component": c,
+            "main effect [95% CI]": _ci_text(effects["main_effects"][c], t.get("ci_low"), t.get("ci_high")),
+        }
         if full:
             row["Shapley"] = _num(effects["shapley"][c])
             row["ANOVA p"] = _p(terms[c]["p"]) if c in terms else "–"
@@ -449,7 +460,11 @@ def _component_contrasts(
                 plus = [v for k, v in names.items() if k[i] == 1]
                 minus = [v for k, v in names.items() if k[i] == 0]
             else:
-                pairs = [(v, names[k[:i] + (0,) + k[i + 1 :]]) for k, v in names.items() if k[i] == 1 and k[:i] + (0,) + k[i + 1 :] in names]
+                pairs = [
+                    (v, names[k[:i] + (0,) + k[i + 1 :]])
+                    for k, v in names.items()
+                    if k[i] == 1 and k[:i] + (0,) + k[i + 1 :] in names
+                ]
                 plus, minus = [p for p, _ in pairs], [q for _, q in pairs]
             out[m][c] = compare(questions, plus, minus, benches) if plus and minus else None
     return out
@@ -581,7 +596,9 @@ def build_report(
     display = _with_paired_deltas(display, comparisons, primary)
     conclusions = _conclusions(effects, varied, primary, stats, refs)
     lead = " ".join(
-        filter(None, [distinguishable_sentence(comparisons.get(r, {}), r, primary) for r in paired["references"]])
+        filter(
+            None, [distinguishable_sentence(comparisons.get(r, {}), r, primary) for r in paired["references"]]
+        )
     )
     unvaried = [c for c in components if c not in varied]
     if unvaried and components:
@@ -596,9 +613,7 @@ def build_report(
         Table(
             display,
             "Mean ± standard deviation over seeds (COMPLETE trials); base, baselines, then UniSD variants"
-            + (
-                f"; strongest baseline on {primary}: {refs['best_baseline']}" if refs["best_baseline"] else ""
-            )
+            + (f"; strongest baseline on {primary}: {refs['best_baseline']}" if refs["best_baseline"] else "")
             + ("; Δ: paired difference on the same questions [95% bootstrap CI]" if comparisons else ""),
         ),
     ]
@@ -610,17 +625,25 @@ def build_report(
                 )
             )
     with_q = any(f"{m}_se" in table.columns for m in analysed)
-    blocks.append(
-        Table(
-            ci_table(stats, analysed),
-            "95% confidence interval of the mean: "
-            + (
-                "seed spread and per-question standard errors combined (normal)"
-                if with_q
-                else "over seeds (Student t)"
-            ),
+    if not np.isfinite(stats["ci_low"].to_numpy(dtype=float)).any():
+        blocks.append(
+            Paragraph(
+                "No confidence interval of the means: one seed per variant and no per-question standard errors "
+                "in the table (the paired comparisons above, when present, carry the uncertainty)."
+            )
         )
-    )
+    else:
+        blocks.append(
+            Table(
+                ci_table(stats, analysed),
+                "95% confidence interval of the mean: "
+                + (
+                    "seed spread and per-question standard errors combined (normal)"
+                    if with_q
+                    else "over seeds (Student t)"
+                ),
+            )
+        )
 
     figures: list[Path] = []
     if varied:
@@ -650,7 +673,11 @@ def build_report(
 
     payload: dict = dict(effects)
     if comparisons:
-        payload["_paired"] = {"references": paired["references"], "comparisons": comparisons, "components": pair_cis}
+        payload["_paired"] = {
+            "references": paired["references"],
+            "comparisons": comparisons,
+            "components": pair_cis,
+        }
     if mdes:
         payload["_mde"] = mdes
     if optuna_study is not None:

@@ -64,7 +64,9 @@ def run_comparisons(
     return out
 
 
-def comparison_table(results: dict[str, dict[str, dict | None]], metrics: Sequence[str], primary: str) -> pd.DataFrame:
+def comparison_table(
+    results: dict[str, dict[str, dict | None]], metrics: Sequence[str], primary: str
+) -> pd.DataFrame:
     """Variants × metrics of "+Δ [low, high]" against one reference, with the primary metric's test."""
     rows = []
     for v, by_metric in results.items():
@@ -144,9 +146,9 @@ def mde_summary(
             if len(benches) == 1:
                 value = planned_mde(counts.get(benches[0], 0), seeds)
             else:
-                value = math.sqrt(sum(planned_mde(counts[b], seeds) ** 2 for b in benches if b in counts)) / len(
-                    benches
-                )
+                value = math.sqrt(
+                    sum(planned_mde(counts[b], seeds) ** 2 for b in benches if b in counts)
+                ) / len(benches)
             source = "assumed (no question differs between the variants compared)"
         out.append(
             {"metric": m, "questions": n_total, "seeds": seeds, "sd_d": sd, "mde": value, "source": source}

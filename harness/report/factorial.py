@@ -84,7 +84,9 @@ def design_effects(factorial: pd.DataFrame, components: Sequence[str], metric: s
         for i, a in enumerate(components)
         for b in components[i + 1 :]
     }
-    means = rows.assign(_key=[format_subset(tuple(r), components) for r in rows[list(components)].astype(int).to_numpy()])
+    means = rows.assign(
+        _key=[format_subset(tuple(r), components) for r in rows[list(components)].astype(int).to_numpy()]
+    )
     grouped = means.groupby("_key")[metric]
     return {
         "main_effects": main,
@@ -98,7 +100,12 @@ def design_effects(factorial: pd.DataFrame, components: Sequence[str], metric: s
             "interactions": {k: v is not None for k, v in inter.items()},
         },
         "subsets": [
-            {"subset": k, "mean": float(g.mean()), "std": float(g.std(ddof=1)) if len(g) > 1 else None, "n": int(len(g))}
+            {
+                "subset": k,
+                "mean": float(g.mean()),
+                "std": float(g.std(ddof=1)) if len(g) > 1 else None,
+                "n": int(len(g)),
+            }
             for k, g in grouped
         ],
         "design": _design_info(design),

@@ -142,7 +142,9 @@ def mde(sd: float, n: int) -> float:
     return MDE_FACTOR * sd / math.sqrt(n) if n > 0 and math.isfinite(sd) else float("nan")
 
 
-def planned_mde(n_questions: int, seeds: int, discordance: float = DISCORDANCE, seed_share: float = SEED_SHARE) -> float:
+def planned_mde(
+    n_questions: int, seeds: int, discordance: float = DISCORDANCE, seed_share: float = SEED_SHARE
+) -> float:
     """The MDE before any data, for ``harness run --dry-run``: 0/1 scores, two variants that disagree on a
     share ``discordance`` of the questions (``σ_d² ≈ discordance``), of which ``seed_share`` is seed noise
     that averaging over ``seeds`` seeds per variant divides by the number of seeds."""

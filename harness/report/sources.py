@@ -67,7 +67,9 @@ def report_from_csv(
     )
 
 
-def question_records(output_dir: str | Path, results: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame | None:
+def question_records(
+    output_dir: str | Path, results: pd.DataFrame, metrics: Sequence[str]
+) -> pd.DataFrame | None:
     """Per-question scores of the COMPLETE trials: ``<output_dir>/trials/<n>/eval/samples.jsonl``.
 
     One row per (variant, seed, benchmark, question) with ``metric`` (``scienceqa.acc``) and ``score``,
@@ -78,7 +80,9 @@ def question_records(output_dir: str | Path, results: pd.DataFrame, metrics: Seq
 
     from harness.report.effects import complete_rows
 
-    wanted = {m.split(".", 1)[0]: m.split(".", 1)[1] for m in metrics if "." in m and not m.startswith("mean.")}
+    wanted = {
+        m.split(".", 1)[0]: m.split(".", 1)[1] for m in metrics if "." in m and not m.startswith("mean.")
+    }
     root = Path(output_dir) / "trials"
     rows: list[dict] = []
     base_samples = None
