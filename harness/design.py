@@ -88,7 +88,9 @@ class Design:
         """``2^5 full factorial`` or ``2^(5−1) fraction, resolution V``."""
         if self.is_full:
             return f"2^{self.k} full factorial"
-        roman = {3: "III", 4: "IV", 5: "V", 6: "VI", 7: "VII"}.get(self.resolution or 0, str(self.resolution))
+        roman = {2: "II", 3: "III", 4: "IV", 5: "V", 6: "VI", 7: "VII"}.get(
+            self.resolution or 0, str(self.resolution)
+        )
         return f"2^({self.k}−{self.p}) fraction, resolution {roman}"
 
     def mask(self, names: Sequence[str]) -> int:
