@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -231,3 +232,62 @@ def test_report_leads_with_paired_cis_against_base_and_sdft_and_states_the_mde(t
     # the quickstart's factorial rows ({}, {ema}, {fm}) identify no main effect: one sentence, no n/a table
     assert "form neither a full factorial nor a regular fraction" in text
     assert "| n/a" not in text
+
+
+def _write_samples(path: Path, scores: dict[str, list[float]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for bench, values in scores.items():
+        key = "pass_at_1" if bench == "mbpp" else "acc"
+        lines += [
+            json.dumps({"benchmark": bench, "id": f"{bench}-{q}", "scores": {key: v}})
+            for q, v in enumerate(values)
+        ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_study_report_reads_the_trials_samples_and_pairs_them(tmp_path):
+    from test_report import _logged_study
+
+    from harness.report import report_for_study
+
+    _, spec, _ = _logged_study(tmp_path, search=False)
+    rng = np.random.default_rng(5)
+    hard = rng.random(40)  # question difficulty shared by every variant: what pairing cancels
+    for number in range(8):  # the order _logged_study logs: seed, then (ema, clipping) in product order
+        ema, clip = divmod(number % 4, 2)
+        p = 0.3 + 0.4 * ema + 0.05 * clip
+        scores = {b: (hard < p).astype(float).tolist() for b in ("scienceqa", "mbpp")}
+        _write_samples(spec.output_path / "trials" / str(number) / "eval" / "samples.jsonl", scores)
+    files = report_for_study(spec, out_dir=tmp_path / "report", log_artifacts=False)
+    data = json.loads(files.effects_json.read_text())
+    assert data["_paired"]["references"] == ["sdft"]
+    ema = data["_paired"]["comparisons"]["sdft"]["unisd[ema]"]["scienceqa.acc"]
+    assert ema["estimate"] == pytest.approx(np.mean((hard < 0.7) & (hard >= 0.3)))
+    assert ema["seeds"] == {"unisd[ema]": 2, "sdft": 2} and ema["test"] == "sign test"
+    assert ema["ci_low"] > 0
+    on_off = data["_paired"]["components"]["scienceqa.acc"]["ema"]
+    assert on_off["ci_low"] > 0 and on_off["n_questions"] == {"scienceqa": 40}
+    text = files.markdown.read_text()
+    assert "## Paired comparisons" in text and "Minimum detectable effect" in text
+
+
+def test_question_records_reuse_the_base_evaluation_once(tmp_path):
+    from harness.report.sources import question_records
+
+    _write_samples(tmp_path / "trials" / "0" / "eval" / "samples.jsonl", {"scienceqa": [1.0, 0.0]})
+    _write_samples(tmp_path / "trials" / "2" / "eval" / "samples.jsonl", {"scienceqa": [1.0, 1.0]})
+    results = pd.DataFrame(
+        {
+            "trial": [0, 1, 2],
+            "state": "COMPLETE",
+            "variant": ["base", "base", "sdft"],
+            "family": ["base", "base", "baseline"],
+            "seed": [0, 1, 0],
+        }
+    )
+    records = question_records(tmp_path, results, ["scienceqa.acc", "mean.acc"])
+    # trial 1 reused trial 0's base evaluation: the same answers, counted once
+    assert len(records[records.variant == "base"]) == 2
+    assert records[records.variant == "sdft"]["score"].tolist() == [1.0, 1.0]
+    assert set(records["metric"]) == {"scienceqa.acc"}
