@@ -60,6 +60,8 @@ def test_from_csv_recovers_planted_effects_on_a_16_row_resolution_v_fraction(tmp
     data, text = _from_csv(tmp_path, _table(runs, np.random.default_rng(7)), "half")
     assert data["design"]["name"] == "2^(5−1) fraction, resolution V" and data["design"]["runs"] == 16
     assert "2^(5−1) fraction, resolution V, 16 of 32 subsets" in text
+    conclusions = text.split("## Conclusions")[1].split("##")[0]
+    assert "The factorial rows form a 2^(5−1) fraction, resolution V (16 of 32 subsets" in conclusions
     fit = {t["term"]: t for t in data["fit"]}
     truth = {**MAIN, **PAIRS}
     assert len(fit) == 15 and all(t["estimate"] is not None for t in fit.values())

@@ -181,6 +181,12 @@ def _conclusions(
         shown = "p < 1e-4" if p < 1e-4 else f"p = {_p(p)}"
         return f"; ANOVA {shown}, {verdict} at the 5% level"
 
+    design = e.get("design")
+    if design and design["resolution"] is not None:
+        sentences.append(
+            f"The factorial rows form a {design['name']} ({design['runs']} of {design['of']} subsets, "
+            f"{design['relation']}): each estimate below stands for its alias chain."
+        )
     ranked = sorted(values, key=lambda c: sign * values[c], reverse=True)
     gains = [c for c in ranked if sign * values[c] > 0]
     losses = [c for c in ranked if sign * values[c] < 0]
@@ -198,7 +204,9 @@ def _conclusions(
             "Working against it: " + ", ".join(f"{c} ({_num(values[c])}{sig(c)})" for c in losses) + "."
         )
     pairs = {k: v for k, v in e["interactions"].items() if v is not None}
-    if pairs:
+    if pairs and not any(pairs.values()):
+        sentences.append("Every identifiable pair interaction is exactly zero.")
+    elif pairs:
         key = max(pairs, key=lambda k: abs(pairs[k]))
         a, b = key.split("×")
         kind = "synergy: together they do better than their separate effects add up to"
