@@ -198,7 +198,7 @@ def _conclusions(
             f"({label} {_num(values[lead])}{sig(lead)})" + (f", followed by {rest}" if rest else "") + "."
         )
     else:
-        sentences.append(f"On {primary} ({direction} is better), no component improves the score ({label}s).")
+        sentences.append(f"On {primary} ({direction} is better), no component improves the score (by {label}).")
     if losses:
         sentences.append(
             "Working against it: " + ", ".join(f"{c} ({_num(values[c])}{sig(c)})" for c in losses) + "."
