@@ -293,3 +293,15 @@ def test_question_records_reuse_the_base_evaluation_once(tmp_path):
     assert len(records[records.variant == "base"]) == 2
     assert records[records.variant == "sdft"]["score"].tolist() == [1.0, 1.0]
     assert set(records["metric"]) == {"scienceqa.acc"}
+
+
+def test_question_records_refuse_several_trials_per_variant_and_seed(tmp_path):
+    from harness.report.sources import question_records
+
+    for n in (0, 1):
+        _write_samples(tmp_path / "trials" / str(n) / "eval" / "samples.jsonl", {"scienceqa": [1.0, 0.0]})
+    results = pd.DataFrame(
+        {"trial": [0, 1], "state": "COMPLETE", "variant": "unisd[ema]", "family": "unisd", "seed": [0, 0]}
+    )
+    assert question_records(tmp_path, results, ["scienceqa.acc"]) is None  # two hyperparameter draws
+    assert len(question_records(tmp_path, results.assign(seed=[0, 1]), ["scienceqa.acc"])) == 4

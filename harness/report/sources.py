@@ -74,7 +74,9 @@ def question_records(
 
     One row per (variant, seed, benchmark, question) with ``metric`` (``scienceqa.acc``) and ``score``,
     for the benchmark metrics in ``metrics``. A base trial that reused another's evaluation (the base
-    model is scored once per study) takes that trial's samples. None when no trial left samples.
+    model is scored once per study) takes that trial's samples. None when no trial left samples, or when
+    a variant has several trials for one seed (a search, or grid axes over hyperparameters): pooling
+    different hyperparameters under one variant name would not be a paired comparison of that variant.
     """
     import json
 
@@ -87,6 +89,9 @@ def question_records(
     rows: list[dict] = []
     base_samples = None
     done = complete_rows(results)
+    trained = done[done.get("family", pd.Series("", index=done.index)).astype(str) != "base"]
+    if trained.duplicated(["variant", "seed"]).any():
+        return None
     for family in ("base", None):  # base first, so reusing trials find its samples
         for _, r in done.iterrows():
             if (family == "base") != (str(r.get("family", "")) == "base"):
