@@ -305,3 +305,15 @@ def test_question_records_refuse_several_trials_per_variant_and_seed(tmp_path):
     )
     assert question_records(tmp_path, results, ["scienceqa.acc"]) is None  # two hyperparameter draws
     assert len(question_records(tmp_path, results.assign(seed=[0, 1]), ["scienceqa.acc"])) == 4
+
+
+def test_variant_means_combine_seed_and_question_spread():
+    from harness.report.tables import variant_stats
+
+    toy = pd.DataFrame({"variant": "v", "family": "unisd", "m": [0.5, 0.6], "m_se": [0.1, 0.1]})
+    row = variant_stats(toy, ["m"]).iloc[0]
+    se = np.sqrt(np.var([0.5, 0.6], ddof=1) / 2 + 0.01)  # s²/n + mean(se_q²)
+    assert row["se"] == pytest.approx(se)
+    assert row["ci_high"] - row["mean"] == pytest.approx(1.959964 * se, rel=1e-5)
+    one = variant_stats(toy.iloc[:1], ["m"]).iloc[0]  # one seed: the question spread alone
+    assert one["ci_high"] - one["mean"] == pytest.approx(1.959964 * 0.1, rel=1e-5)
