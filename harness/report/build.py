@@ -198,7 +198,9 @@ def _conclusions(
             f"({label} {_num(values[lead])}{sig(lead)})" + (f", followed by {rest}" if rest else "") + "."
         )
     else:
-        sentences.append(f"On {primary} ({direction} is better), no component improves the score (by {label}).")
+        sentences.append(
+            f"On {primary} ({direction} is better), no component improves the score (by {label})."
+        )
     if losses:
         sentences.append(
             "Working against it: " + ", ".join(f"{c} ({_num(values[c])}{sig(c)})" for c in losses) + "."
@@ -234,7 +236,16 @@ def _ci_text(est: float | None, lo: float | None, hi: float | None) -> str:
 
 
 def _fit_by_term(effects: dict) -> dict[str, dict]:
-    return {t["term"]: t for t in effects.get("fit") or []}
+    """The least-squares terms by name. On a full factorial with unequal seeds per subset the displayed
+    effects are the subset-mean ones, so each CI is re-centred on them (same half-width)."""
+    out = {t["term"]: dict(t) for t in effects.get("fit") or []}
+    shown = {**effects.get("main_effects", {}), **effects.get("interactions", {})}
+    for name, t in out.items():
+        value = shown.get(name)
+        if value is not None and t["ci_low"] is not None and t["estimate"] is not None:
+            half = t["ci_high"] - t["estimate"]
+            t.update(estimate=value, ci_low=value - half, ci_high=value + half)
+    return out
 
 
 def _effect_blocks(
