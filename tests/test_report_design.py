@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -317,3 +318,21 @@ def test_variant_means_combine_seed_and_question_spread():
     assert row["ci_high"] - row["mean"] == pytest.approx(1.959964 * se, rel=1e-5)
     one = variant_stats(toy.iloc[:1], ["m"]).iloc[0]  # one seed: the question spread alone
     assert one["ci_high"] - one["mean"] == pytest.approx(1.959964 * 0.1, rel=1e-5)
+
+
+def test_full_factorial_cis_are_centred_on_the_subset_mean_effects():
+    from harness.report.build import _fit_by_term
+    from harness.report.factorial import design_effects
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for a, b, c in itertools.product((0, 1), repeat=3):  # {a, b, c} has three seeds, the others one
+        for _ in range(3 if a + b + c == 3 else 1):
+            y = 0.4 + 0.1 * a + 0.02 * b + 0.05 * a * b * c + rng.normal(0, 0.01)
+            rows.append({"a": a, "b": b, "c": c, "y": y})
+    e = design_effects(pd.DataFrame(rows), ["a", "b", "c"], "y")
+    fit = _fit_by_term(e)
+    for term, value in (("a", e["main_effects"]["a"]), ("a×b", e["interactions"]["a×b"])):
+        assert (fit[term]["ci_low"] + fit[term]["ci_high"]) / 2 == pytest.approx(value)
+    raw = {t["term"]: t for t in e["fit"]}
+    assert raw["a"]["estimate"] != pytest.approx(e["main_effects"]["a"])  # the rows weigh differently
