@@ -410,7 +410,15 @@ def describe_plan(spec: StudySpec) -> dict[str, Any]:
     upper = sum(c[0] for c in costs) + shared_gen
     estimate = sum(c[1] for c in costs) + MEAN_FILL * shared_gen
     seconds = sum(c[2] for c in costs) + MEAN_FILL * shared_gen / GEN_TOKENS_PER_S
+    from harness.sizing import design_summary, mde_summary
+
+    named = {"unisd[" + "+".join(s) + "]" if s else "sdft" for s in spec.method.subset_list()}
+    subset_seconds = sum(c[2] for p, c in zip(fixed, costs, strict=False) if p.name in named)
+    limit = spec.evaluation.limit
+    questions = {b: _size(b, "test", limit) for b in spec.evaluation.benchmarks}
     return {
+        "design": design_summary(spec, subset_seconds),
+        "mde": mde_summary(spec, questions),
         "study": spec.name,
         "model": spec.model.ref,
         "model_setup": spec.model.dtype + (f", LoRA r={spec.model.lora.r}" if spec.model.lora.enabled else ""),
@@ -444,6 +452,8 @@ def describe_plan(spec: StudySpec) -> dict[str, Any]:
 def format_plan(plan: Mapping[str, Any]) -> str:
     """:func:`describe_plan`'s dict as the few lines ``harness validate`` and ``--dry-run`` print (the one
     plan formatter: both commands show the same facts the same way)."""
+    from harness.sizing import format_sizing
+
     variants = plan["variants"]
     shown = ", ".join(variants[:10]) + (f", ... ({len(variants) - 10} more)" if len(variants) > 10 else "")
     if plan["sampler"] == "grid":
@@ -470,6 +480,7 @@ def format_plan(plan: Mapping[str, Any]) -> str:
     lines += [
         f"  generated tokens ~{tokens['estimate']:,} (at most {tokens['upper_bound']:,})",
         f"  GPU hours (7B model) ~{plan['gpu_hours_7b']:,}  [{plan['assumptions']}]",
+        *format_sizing(plan),
         f"  output     {plan['output_dir']}  (optuna {plan['storage']}; mlflow {plan['tracking_uri']})",
     ]
     return "\n".join(lines)

@@ -63,6 +63,7 @@ __all__ = [
     "EVAL_ONLY_BENCHMARKS",
     "PRESET_COMPONENTS",
     "ChoiceSpace",
+    "DesignSubsets",
     "FloatSpace",
     "IntSpace",
     "StudySpec",
@@ -358,11 +359,23 @@ def _no_repeats(items: list[Any]) -> None:
             raise _FieldProblem((i,), f"{item!r} listed twice")
 
 
+class DesignSubsets(_Strict):
+    """``subsets: {design: fractional, resolution: 5}``: a regular 2^(k−p) fraction of the subsets of
+    ``method.components`` (harness.design: the smallest one of that resolution, containing the empty
+    subset, i.e. plain SDFT); ``design: full`` is the same as ``all``."""
+
+    design: Literal["fractional", "full"]
+    resolution: int = Field(5, ge=3, le=5, description="3, 4 or 5: the fraction's resolution")
+
+
 def _split_subsets(value: Any) -> Any:
+    if isinstance(value, dict | DesignSubsets):
+        return value
     if isinstance(value, str):
         if value != "all":
             raise ValueError(
-                f"must be 'all' or a list of subsets like [[ema], agreement+ema, []] (got {value!r})"
+                f"must be 'all', a list of subsets like [[ema], agreement+ema, []] or {{design: fractional, resolution: 5}}"
+                f" (got {value!r})"
             )
         return value
     if isinstance(value, list):
@@ -377,8 +390,11 @@ SubsetsType = Annotated[
     Union[  # noqa: UP007
         Annotated[Literal["all"], Tag("<all>")],
         Annotated[list[list[ComponentName]], Tag("<list>")],
+        Annotated[DesignSubsets, Tag("<design>")],
     ],
-    Discriminator(lambda v: "<all>" if isinstance(v, str) else "<list>"),
+    Discriminator(
+        lambda v: "<all>" if isinstance(v, str) else "<design>" if isinstance(v, dict | DesignSubsets) else "<list>"
+    ),
     BeforeValidator(_split_subsets),
 ]
 
@@ -392,8 +408,9 @@ class _MethodSpecBase(_Strict):
     )
     subsets: SubsetsType = Field(
         default_factory=list,
-        description="'all' (every subset of `components`, the empty one is plain SDFT) or a list of subsets,"
-        " each a list of component names or a string 'agreement+ema'",
+        description="'all' (every subset of `components`, the empty one is plain SDFT), a list of subsets,"
+        " each a list of component names or a string 'agreement+ema', or {design: fractional, resolution: 5}"
+        " (a regular fraction of the subsets of `components`)",
     )
     presets: list[PresetName] = Field(default_factory=list, description="named recipes: unisd_star ...")
     alpha: _ALPHA_TYPE = _ALPHA_FIELD  # type: ignore[valid-type]
@@ -408,6 +425,14 @@ class _MethodSpecBase(_Strict):
 
     def subset_list(self) -> list[tuple[str, ...]]:
         """The subsets to run, each in canonical component order, without repeats."""
+        if isinstance(self.subsets, DesignSubsets):
+            from harness.design import fractional_design, full_design
+
+            pool = [c for c in COMPONENT_NAMES if c in self.components]
+            full = self.subsets.design == "full"
+            design = full_design(pool) if full else fractional_design(pool, self.subsets.resolution)
+            runs = [tuple(c for c, on in zip(pool, run, strict=True) if on) for run in design.runs]
+            return sorted(runs, key=len)
         if self.subsets == "all":
             pool = [c for c in COMPONENT_NAMES if c in self.components]
             subsets = [
@@ -424,7 +449,7 @@ class _MethodSpecBase(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> _MethodSpecBase:
-        if self.subsets != "all":
+        if isinstance(self.subsets, list):
             seen: list[tuple[str, ...]] = []
             for i, subset in enumerate(self.subsets):
                 for j, name in enumerate(subset):

@@ -6,13 +6,14 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from harness.cli import main
 from harness.errors import HarnessError
 from harness.evaluation import EvalResult, evaluate_model
-from harness.evaluation.lmeval import normalise_metrics, task_name
+from harness.evaluation.lmeval import normalise_metrics, question_errors, task_name
 
 
 def _perturbed(model, scale: float = 0.5):
@@ -58,6 +59,10 @@ def test_end_to_end_scienceqa_and_mbpp(tiny_model_and_tokenizer, tmp_path, data_
     assert all(len(r["response"][0][0]) < 200 for r in rows)
     assert json.loads((tmp_path / "metrics.json").read_text())["metrics"] == pytest.approx(m)
     assert (tmp_path / "lm_eval_cache").is_dir()
+    # per-question standard errors, from the same per-sample scores samples.jsonl holds
+    sqa = [r["scores"]["acc"] for r in rows if r["benchmark"] == "scienceqa"]
+    assert m["scienceqa.acc_se"] == pytest.approx(np.std(sqa, ddof=1) / np.sqrt(2))
+    assert math.isfinite(m["mbpp.pass_at_1_se"]) and math.isfinite(m["mean.acc_se"])
 
 
 def test_response_cache_is_per_variant(tiny_model_and_tokenizer, tmp_path, data_dir):
@@ -101,6 +106,18 @@ def test_normalise_metrics():
     }
     got = normalise_metrics(results, {"unisd_scienceqa": "scienceqa", "unisd_humaneval": "humaneval"})
     assert got == {"scienceqa.acc": 0.5, "scienceqa.n": 4.0, "humaneval.pass_at_1": 0.25, "mean.acc": 0.375}
+
+
+def test_question_errors_by_hand():
+    samples = {
+        "unisd_scienceqa": [{"metrics": ["acc"], "acc": v} for v in (1.0, 0.0, 1.0, 1.0)],
+        "unisd_humaneval": [{"metrics": ["pass_at_1"], "pass_at_1": v} for v in (True, False)],
+    }
+    got = question_errors(samples, {"unisd_scienceqa": "scienceqa", "unisd_humaneval": "humaneval"})
+    sqa, he = np.std([1, 0, 1, 1], ddof=1) / 2, np.std([1, 0], ddof=1) / np.sqrt(2)
+    assert got["scienceqa.acc_se"] == pytest.approx(sqa)
+    assert got["humaneval.pass_at_1_se"] == pytest.approx(he)
+    assert got["mean.acc_se"] == pytest.approx(np.sqrt(sqa**2 + he**2) / 2)
 
 
 def test_task_names_and_bad_input():

@@ -334,7 +334,9 @@ def test_search_report_has_optuna_figures_and_best_params(tmp_path):
     assert search["best_params"] == pytest.approx(study.best_params)
     assert set(search["param_importances"]) == {"agreement.gamma", "a"}
     # b never varies: half the subsets are missing and the report says so instead of inventing effects
-    assert json.loads(files.effects_json.read_text())["mean.acc"]["main_effects"]["b"] is None
+    # (b has no on/off contrast: it is left out of the effects, and the conclusions name it once)
+    assert "b" not in json.loads(files.effects_json.read_text())["mean.acc"]["main_effects"]
+    assert "Not varied in the factorial (switched on only in presets, or never): b" in files.markdown.read_text()
 
 
 def _write_csv(path: Path) -> Path:

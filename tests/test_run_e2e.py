@@ -88,7 +88,8 @@ def test_smoke_study_fills_real_stores_and_writes_the_report(tmp_path):
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] in runs
         assert run.data.tags["optuna_trial_number"] == str(t.number)
-        for metric in ("scienceqa.acc", "mbpp.pass_at_1", "mean.acc", "ppl_fit", "ppl_ret", "train/loss"):
+        for metric in ("scienceqa.acc", "mbpp.pass_at_1", "mean.acc", "ppl_fit", "ppl_ret", "train/loss",
+                       "scienceqa.acc_se", "mean.acc_se"):  # fmt: skip
             assert metric in run.data.metrics, (metric, sorted(run.data.metrics))
         assert run.data.metrics["mean.acc"] == pytest.approx(t.values[0])
         trial_dir = spec.output_path / "trials" / str(t.number)
@@ -99,6 +100,10 @@ def test_smoke_study_fills_real_stores_and_writes_the_report(tmp_path):
     assert len(frame) == len(keys) and frame["mean.acc"].notna().all()
     assert (frame["train_seconds"] > 0).all() and (frame["generated_tokens"] > 0).all()
     assert (tmp_path / "reports" / "smoke").is_dir(), out[-2000:]
+    # the report pairs the trials' samples.jsonl: every variant against SDFT, and the MDE per benchmark
+    report = (tmp_path / "reports" / "smoke" / "report.md").read_text()
+    assert "## Paired comparisons" in report and "*Against sdft*" in report
+    assert "Minimum detectable effect" in report and "scienceqa.acc 0." in report
 
 
 def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,15 @@ from harness.errors import HarnessError
 from harness.jsonable import jsonable
 from harness.metric_names import normalise_metric_name
 
-__all__ = ["SCORINGS", "EvalResult", "evaluate_model", "normalise_metrics", "task_name", "task_paths"]
+__all__ = [
+    "SCORINGS",
+    "EvalResult",
+    "evaluate_model",
+    "normalise_metrics",
+    "question_errors",
+    "task_name",
+    "task_paths",
+]
 
 
 
@@ -97,6 +106,31 @@ def normalise_metrics(results: dict[str, dict[str, Any]], tasks: dict[str, str])
     if primaries:
         metrics["mean.acc"] = sum(primaries) / len(primaries)
     return metrics
+
+
+def question_errors(samples: dict[str, list[dict]], tasks: dict[str, str]) -> dict[str, float]:
+    """Per-question standard errors: ``<benchmark>.<metric>_se`` = sample std (n − 1) / √n of the
+    per-question scores, and ``mean.acc_se`` = √(Σ se²) / B over the B benchmarks' primary scores
+    (the benchmarks' questions are independent). Why: a benchmark score from 12 or 500 questions carries
+    a sampling error that the seed spread does not show; the report and reports/README.md use these.
+    """
+    from harness.data import BENCHMARKS
+    from harness.report.paired import question_se
+
+    errors: dict[str, float] = {}
+    primaries = []
+    for task, benchmark in tasks.items():
+        rows = samples.get(task, [])
+        names = dict.fromkeys(m for sample in rows for m in sample.get("metrics", []))
+        for name in names:
+            values = [float(s[name]) for s in rows if isinstance(s.get(name), int | float)]  # bools too
+            if len(values) > 1:
+                errors[f"{benchmark}.{name}_se"] = question_se(values)
+        primary = f"{benchmark}.{BENCHMARKS[benchmark].metric}_se"
+        primaries.append(errors.get(primary, float("nan")))
+    if primaries and all(math.isfinite(e) for e in primaries):
+        errors["mean.acc_se"] = math.sqrt(sum(e * e for e in primaries)) / len(primaries)
+    return errors
 
 
 def _write_samples(path: Path, samples: dict[str, list[dict]], tasks: dict[str, str]) -> int:
@@ -241,6 +275,7 @@ def evaluate_model(
     )
     metrics = normalise_metrics(results["results"], tasks)
     samples = results.get("samples", {})
+    metrics.update(question_errors(samples, tasks))
     samples_path = output_dir / "samples.jsonl"
     if _write_samples(samples_path, samples, tasks) == 0:
         samples_path = None

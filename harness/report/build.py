@@ -19,7 +19,17 @@ import pandas as pd
 from harness.errors import HarnessError
 from harness.jsonable import jsonable
 from harness.report import plots
-from harness.report.effects import analyse_effects, complete_rows
+from harness.report.comparisons import (
+    comparison_table,
+    distinguishable_sentence,
+    format_ci,
+    mde_summary,
+    paired_metrics,
+    run_comparisons,
+)
+from harness.report.effects import complete_rows
+from harness.report.factorial import design_effects, varied_components
+from harness.report.paired import compare
 from harness.report.render import (
     Block,
     Bullets,
@@ -127,7 +137,8 @@ def _conclusions(
 ) -> str:
     """Plain-language summary: the drivers on the primary metric, the strongest interaction, the best variant.
 
-    Significance words appear only next to an ANOVA p-value; without one the numbers speak alone.
+    Significance words appear only next to an ANOVA p-value or a least-squares CI; without one the numbers
+    speak alone.
     """
     best = _best_variant_sentence(primary, stats, refs)
     if not components:
@@ -145,7 +156,13 @@ def _conclusions(
             )
         )
 
+    fit = _fit_by_term(e)
+
     def sig(term: str) -> str:
+        t = fit.get(term)
+        if (anova is None or term not in anova["terms"]) and t and t["ci_low"] is not None:
+            verdict = "distinguishable from noise" if t["ci_low"] > 0 or t["ci_high"] < 0 else "within noise"
+            return f"; 95% CI [{t['ci_low']:+.3g}, {t['ci_high']:+.3g}], {verdict}"
         if anova is None or term not in anova["terms"]:
             return ""
         p = anova["terms"][term]["p"]
@@ -153,6 +170,12 @@ def _conclusions(
         shown = "p < 1e-4" if p < 1e-4 else f"p = {_p(p)}"
         return f"; ANOVA {shown}, {verdict} at the 5% level"
 
+    design = e.get("design")
+    if design and design["resolution"] is not None:
+        sentences.append(
+            f"The factorial rows form a {design['name']} ({design['runs']} of {design['of']} subsets, "
+            f"{design['relation']}): each estimate below stands for its alias chain."
+        )
     ranked = sorted(values, key=lambda c: sign * values[c], reverse=True)
     gains = [c for c in ranked if sign * values[c] > 0]
     losses = [c for c in ranked if sign * values[c] < 0]
@@ -164,13 +187,17 @@ def _conclusions(
             f"({label} {_num(values[lead])}{sig(lead)})" + (f", followed by {rest}" if rest else "") + "."
         )
     else:
-        sentences.append(f"On {primary} ({direction} is better), no component improves the score ({label}s).")
+        sentences.append(
+            f"On {primary} ({direction} is better), no component improves the score (by {label})."
+        )
     if losses:
         sentences.append(
             "Working against it: " + ", ".join(f"{c} ({_num(values[c])}{sig(c)})" for c in losses) + "."
         )
     pairs = {k: v for k, v in e["interactions"].items() if v is not None}
-    if pairs:
+    if pairs and not any(pairs.values()):
+        sentences.append("Every identifiable pair interaction is exactly zero.")
+    elif pairs:
         key = max(pairs, key=lambda k: abs(pairs[k]))
         a, b = key.split("×")
         kind = "synergy: together they do better than their separate effects add up to"
@@ -189,46 +216,130 @@ def _conclusions(
     return " ".join(sentences)
 
 
-def _effect_blocks(effects: dict, components: Sequence[str], metric: str, figdir: Path) -> tuple[list, list]:
+def _ci_text(est: float | None, lo: float | None, hi: float | None) -> str:
+    if est is None or not math.isfinite(est):
+        return "n/a"
+    if lo is None or hi is None:
+        return _num(est)
+    return f"{est:+.3g} [{lo:+.3g}, {hi:+.3g}]"
+
+
+def _fit_by_term(effects: dict) -> dict[str, dict]:
+    """The least-squares terms by name. On a full factorial with unequal seeds per subset the displayed
+    effects are the subset-mean ones, so each CI is re-centred on them (same half-width)."""
+    out = {t["term"]: dict(t) for t in effects.get("fit") or []}
+    shown = {**effects.get("main_effects", {}), **effects.get("interactions", {})}
+    for name, t in out.items():
+        value = shown.get(name)
+        if value is not None and t["ci_low"] is not None and t["estimate"] is not None:
+            half = t["ci_high"] - t["estimate"]
+            t.update(estimate=value, ci_low=value - half, ci_high=value + half)
+    return out
+
+
+def _effect_blocks(
+    effects: dict, components: Sequence[str], metric: str, figdir: Path, paired: dict | None = None
+) -> tuple[list, list]:
+    """One metric's effects, in the form its design allows; what it cannot identify is said once."""
     blocks: list[Block] = [Heading(f"Effects on {metric}", 3)]
     figures: list[Path] = []
+    design = effects.get("design")
+    fit = _fit_by_term(effects)
+    paired = paired or {}
+    if design is None:
+        have = [c for c in components if effects["matched_pairs"][c]["pairs"]]
+        blocks.append(
+            Paragraph(
+                f"The {len(effects['subsets'])} subsets present (of {2 ** len(components)}) form neither a full "
+                "factorial nor a regular fraction, so no main effect, interaction or Shapley value is "
+                "identifiable"
+                + (
+                    "; below, each component's conditional effect over the matched on/off pairs present."
+                    if have
+                    else ", and no component has a matched on/off pair."
+                )
+                + (
+                    f" Missing subsets: {', '.join(effects['missing_subsets'])}."
+                    if effects["missing_subsets"]
+                    else ""
+                )
+            )
+        )
+        if have:
+            rows = []
+            for c in have:
+                cond = effects["matched_pairs"][c]
+                rows.append(
+                    {
+                        "component": c,
+                        "matched pairs": f"{cond['pairs']}/{cond['of']}",
+                        "conditional effect": _num(cond["value"]),
+                        "paired 95% CI (questions)": format_ci(paired.get(c)),
+                    }
+                )
+            blocks.append(Table(pd.DataFrame(rows), f"Conditional effects on {metric} (matched pairs only)"))
+        blocks.append(Bullets(tuple(effects["notes"])))
+        return blocks, figures
+    blocks.append(
+        Paragraph(
+            f"Design: {design['name']}, {design['runs']} of {design['of']} subsets; {design['relation']}."
+        )
+    )
     anova = effects["anova"]
     terms = anova["terms"] if anova else {}
+    full = design["resolution"] is None
     rows = []
     for c in components:
-        cond = effects["matched_pairs"][c]
-        rows.append(
-            {
-                "component": c,
-                "main effect": _num(effects["main_effects"][c]),
-                "Shapley": _num(effects["shapley"][c]),
-                "ANOVA p": _p(terms[c]["p"]) if c in terms else "–",
-                "matched pairs": f"{cond['pairs']}/{cond['of']}",
-                "conditional effect": _num(cond["value"]),
-            }
-        )
-    blocks.append(Table(pd.DataFrame(rows), f"Per-component effects on {metric} (n/a: not identifiable)"))
+        t = fit.get(c, {})
+        row = {
+            "component": c,
+            "main effect [95% CI]": _ci_text(effects["main_effects"][c], t.get("ci_low"), t.get("ci_high")),
+        }
+        if full:
+            row["Shapley"] = _num(effects["shapley"][c])
+            row["ANOVA p"] = _p(terms[c]["p"]) if c in terms else "–"
+        else:
+            row["alias chain"] = t.get("chain", "")
+        if paired:
+            row["paired on − off [95% CI] (questions)"] = format_ci(paired.get(c))
+        rows.append(row)
+    blocks.append(Table(pd.DataFrame(rows), f"Per-component effects on {metric}"))
     if len(components) > 1:
-        rows = []
+        rows, aliased = [], []
         for key, value in effects["interactions"].items():
-            quad = effects["matched_quads"][key]
-            rows.append(
-                {
-                    "pair": key,
-                    "interaction": _num(value),
-                    "ANOVA p": _p(terms[key]["p"]) if key in terms else "–",
-                    "complete contexts": f"{quad['contexts']}/{quad['of']}",
-                    "conditional interaction": _num(quad["value"]),
-                }
+            t = fit.get(key, {})
+            if value is None and not full:
+                aliased.append(f"{key} (with {t.get('aliased_with')})")
+                continue
+            row = {"pair": key, "interaction [95% CI]": _ci_text(value, t.get("ci_low"), t.get("ci_high"))}
+            if full:
+                row["ANOVA p"] = _p(terms[key]["p"]) if key in terms else "–"
+            else:
+                row["alias chain"] = t.get("chain", "")
+            rows.append(row)
+        if rows:
+            blocks.append(Table(pd.DataFrame(rows), f"Pair interactions on {metric}"))
+        if aliased:
+            blocks.append(
+                Paragraph(
+                    "Not separately identifiable in this fraction (aliased with a lower-order term): "
+                    + ", ".join(aliased)
+                    + "."
+                )
             )
-        blocks.append(Table(pd.DataFrame(rows), f"Pair interactions on {metric}"))
-    if effects["missing_subsets"]:
-        blocks.append(Paragraph("Missing subsets: " + ", ".join(effects["missing_subsets"]) + "."))
+    if not full:
+        blocks.append(
+            Paragraph(
+                "Shapley values are not computed: they average a component's contribution over all "
+                f"{design['of']} subsets, and this fraction runs only {design['runs']} of them."
+            )
+        )
     blocks.append(Bullets(tuple(effects["notes"])))
     slug = _slug(metric)
-    path = plots.effects_bars(effects, components, metric, figdir / f"shapley_{slug}.png")
-    figures.append(path)
-    blocks.append(FigureBlock(path, f"Shapley values and main effects on {metric}"))
+    if full:
+        path = plots.effects_bars(effects, components, metric, figdir / f"shapley_{slug}.png")
+        figures.append(path)
+        blocks.append(FigureBlock(path, f"Shapley values and main effects on {metric}"))
     if len(components) > 1:
         path = plots.interaction_heatmap(effects, components, metric, figdir / f"interactions_{slug}.png")
         figures.append(path)
@@ -329,6 +440,112 @@ def _search_blocks(study, figdir: Path) -> tuple[list, list, dict]:
     return blocks, figures, info
 
 
+def _references(stats: pd.DataFrame, refs: dict) -> list[str]:
+    """The base model, SDFT and the strongest baseline, each once, in that order."""
+    names = set(stats["variant"])
+    out = [refs["base"], "sdft" if "sdft" in names else None, refs["best_baseline"]]
+    return [r for r in dict.fromkeys(out) if r]
+
+
+def _component_contrasts(
+    questions: pd.DataFrame, factorial: pd.DataFrame, varied: Sequence[str], metrics: dict[str, list[str]]
+) -> dict[str, dict[str, dict | None]]:
+    """Per metric and component: the paired difference of the subsets with it on against those with it off
+    (a full factorial or a fraction: all of them; otherwise the matched on/off pairs present)."""
+    rows = complete_rows(factorial)
+    names: dict[tuple[int, ...], str] = {}
+    for key, variant in zip(rows[list(varied)].astype(int).to_numpy(), rows["variant"], strict=True):
+        names.setdefault(tuple(int(x) for x in key), str(variant))
+    names = {k: v for k, v in names.items() if v in set(questions["variant"])}
+    from harness.report.factorial import factorial_design
+
+    design = factorial_design(rows, list(varied))
+    out: dict[str, dict[str, dict | None]] = {}
+    for m, benches in metrics.items():
+        out[m] = {}
+        for i, c in enumerate(varied):
+            if design is not None:
+                plus = [v for k, v in names.items() if k[i] == 1]
+                minus = [v for k, v in names.items() if k[i] == 0]
+            else:
+                pairs = [
+                    (v, names[k[:i] + (0,) + k[i + 1 :]])
+                    for k, v in names.items()
+                    if k[i] == 1 and k[:i] + (0,) + k[i + 1 :] in names
+                ]
+                plus, minus = [p for p, _ in pairs], [q for _, q in pairs]
+            out[m][c] = compare(questions, plus, minus, benches) if plus and minus else None
+    return out
+
+
+def _paired_section(
+    questions: pd.DataFrame | None,
+    stats: pd.DataFrame,
+    metrics: Sequence[str],
+    primary: str,
+    refs: dict,
+    factorial: pd.DataFrame,
+    varied: Sequence[str],
+    seeds: int,
+) -> tuple[list[Block], dict, dict, list, dict]:
+    """Blocks, {"references"}, comparisons, MDE rows and component contrasts (empty without records)."""
+    info: dict = {"references": []}
+    if questions is None or not len(questions):
+        return [], info, {}, [], {}
+    pm = paired_metrics(questions, metrics, primary)
+    if not pm:
+        return [], info, {}, [], {}
+    references = [r for r in _references(stats, refs) if r in set(questions["variant"])]
+    info["references"] = references
+    variants = [v for v in dict.fromkeys(stats["variant"]) if v in set(questions["variant"])]
+    comparisons = run_comparisons(questions, variants, references, pm)
+    shown = [m for m in metrics if m in pm]
+    blocks: list[Block] = [
+        Heading("Paired comparisons", 2),
+        Paragraph(
+            "Each cell: the variant's score minus the reference's, on the same questions, with a 95% CI from a "
+            "paired bootstrap over questions (stratified by benchmark for the overall score; seeds resampled "
+            "when there are several). p: McNemar's exact test (one seed each, 0/1 scores) or the sign test, "
+            f"on {primary}. A CI that excludes 0 is a difference distinguishable from noise at this size."
+        ),
+    ]
+    for ref in references:
+        if comparisons[ref]:
+            blocks.append(Table(comparison_table(comparisons[ref], shown, primary), f"Against {ref}"))
+    mdes = mde_summary(comparisons, pm, seeds)
+    if mdes:
+        parts = [
+            f"{r['metric']} {r['mde']:.3f} ({r['questions']} questions, {r['seeds']} seed(s)"
+            + ("" if r["source"] == "observed" else "; assumed discordance")
+            + ")"
+            for r in mdes
+        ]
+        blocks.append(
+            Paragraph(
+                "Minimum detectable effect (MDE: the smallest paired difference found with 80% power at the 5% "
+                "level, 2.80·σ_d/√n, σ_d the spread of the per-question differences observed above): "
+                + "; ".join(parts)
+                + ". Differences smaller than this are likely to go unnoticed at this study's size."
+            )
+        )
+    pair_cis = _component_contrasts(questions, factorial, varied, pm) if varied else {}
+    return blocks, info, comparisons, mdes, pair_cis
+
+
+def _with_paired_deltas(display: pd.DataFrame, comparisons: dict, primary: str) -> pd.DataFrame:
+    """The results table's Δ columns as "+0.028 [−0.110, +0.170]" where a paired comparison exists."""
+    out = display.copy()
+    for ref, by_variant in comparisons.items():
+        col = f"Δ {primary} vs {ref}"
+        if col not in out.columns:
+            continue
+        out[col] = [
+            format_ci(by_variant.get(v, {}).get(primary)) if v in by_variant else cell
+            for v, cell in zip(out["variant"], out[col], strict=True)
+        ]
+    return out
+
+
 def build_report(
     df: pd.DataFrame,
     *,
@@ -338,6 +555,7 @@ def build_report(
     title: str,
     study_kind: Literal["ablation", "search"] = "ablation",
     optuna_study=None,
+    questions: pd.DataFrame | None = None,
 ) -> ReportFiles:
     """Write ``report.md``, ``report.html``, ``figures/*.png``, ``results.csv`` and ``effects.json``.
 
@@ -346,7 +564,10 @@ def build_report(
     results table shows every variant. When the table has at least two benchmark metrics and no
     ``mean.acc``, their unweighted mean is added as ``overall``, as in the paper. ``optuna_study``, for a
     search study, adds parameter importances, the optimisation history, parallel coordinates and the best
-    configuration (also stored in effects.json under ``"_search"``).
+    configuration (also stored in effects.json under ``"_search"``). ``questions``: per-question records
+    (:func:`harness.report.sources.question_records`); with them the report leads with paired
+    comparisons on the same questions and the minimum detectable effect per benchmark (effects.json
+    ``"_paired"``, ``"_mde"``).
     """
     components, metrics = list(components), list(metrics)
     _validate(df, components, metrics, study_kind)
@@ -364,7 +585,8 @@ def build_report(
 
     stats = variant_stats(table, analysed, components)
     factorial = factorial_rows(table)
-    effects = {m: analyse_effects(factorial, components, m) for m in analysed} if components else {}
+    varied = varied_components(factorial, components)
+    effects = {m: design_effects(factorial, varied, m) for m in analysed} if varied else {}
 
     done = complete_rows(table)
     seeds = done["seed"].nunique() if "seed" in done.columns else None
@@ -376,43 +598,75 @@ def build_report(
         ),
     ]
     display, refs = results_table(stats, analysed, primary)
-    blocks += [Heading("Conclusions", 2), Paragraph(_conclusions(effects, components, primary, stats, refs))]
+    paired_blocks, paired, comparisons, mdes, pair_cis = _paired_section(
+        questions, stats, analysed, primary, refs, factorial, varied, int(seeds or 1)
+    )
+    display = _with_paired_deltas(display, comparisons, primary)
+    conclusions = _conclusions(effects, varied, primary, stats, refs)
+    lead = " ".join(
+        filter(
+            None, [distinguishable_sentence(comparisons.get(r, {}), r, primary) for r in paired["references"]]
+        )
+    )
+    unvaried = [c for c in components if c not in varied]
+    if unvaried and components:
+        conclusions += (
+            f" Not varied in the factorial (switched on only in presets, or never): {', '.join(unvaried)}; "
+            "presets are compared beside the factorial, never pooled into it."
+        )
+    blocks += [Heading("Conclusions", 2), Paragraph(" ".join(filter(None, [lead, conclusions])))]
+    blocks += paired_blocks
     blocks += [
         Heading("Results", 2),
         Table(
             display,
             "Mean ± standard deviation over seeds (COMPLETE trials); base, baselines, then UniSD variants"
-            + (
-                f"; strongest baseline on {primary}: {refs['best_baseline']}" if refs["best_baseline"] else ""
-            ),
+            + (f"; strongest baseline on {primary}: {refs['best_baseline']}" if refs["best_baseline"] else "")
+            + ("; Δ: paired difference on the same questions [95% bootstrap CI]" if comparisons else ""),
         ),
     ]
     for key, label in (("base", "the base model"), ("best_baseline", "the strongest baseline")):
-        if refs[key]:
+        if refs[key] and not comparisons:
             blocks.append(
                 Table(
                     delta_table(stats, analysed, refs[key]), f"Δ against {label} ({refs[key]}), every metric"
                 )
             )
-    blocks.append(
-        Table(ci_table(stats, analysed), "95% confidence interval of the mean over seeds (Student t)")
-    )
+    with_q = any(f"{m}_se" in table.columns for m in analysed)
+    if not np.isfinite(stats["ci_low"].to_numpy(dtype=float)).any():
+        blocks.append(
+            Paragraph(
+                "No confidence interval of the means: one seed per variant and no per-question standard errors "
+                "in the table (the paired comparisons above, when present, carry the uncertainty)."
+            )
+        )
+    else:
+        blocks.append(
+            Table(
+                ci_table(stats, analysed),
+                "95% confidence interval of the mean: "
+                + (
+                    "seed spread and per-question standard errors combined (normal)"
+                    if with_q
+                    else "over seeds (Student t)"
+                ),
+            )
+        )
 
     figures: list[Path] = []
-    if components:
+    if varied:
         blocks.append(Heading("Component effects", 2))
         blocks.append(
             Paragraph(
                 "Main effect: mean of the metric over subsets with the component minus the mean over subsets without "
-                "it, averaging first over seeds within each subset, then over subsets. Shapley value: exact, over "
-                "all 2^n subsets. Interaction a×b: the effect of a when b is on minus its effect when b is off, "
-                "averaged over the other components. Quantities that need a missing subset are n/a; the conditional "
-                "columns average only over the contexts present. Rows used: UniSD variants and SDFT (the empty "
-                "subset)."
+                "it. Interaction a×b: the effect of a when b is on minus its effect when b is off, averaged over the "
+                "other components. Full factorial: Shapley values exact over all 2^n subsets; a regular fraction: "
+                "least squares on the ±1-coded rows, each estimate with its alias chain. Rows used: UniSD subsets "
+                "and SDFT (the empty subset); base, SFT, GKD and presets are not pooled into the factorial."
             )
         )
         for m in analysed:
-            more, figs = _effect_blocks(effects[m], components, m, figdir)
+            more, figs = _effect_blocks(effects[m], varied, m, figdir, pair_cis.get(m))
             blocks += more
             figures += figs
         best = best_subsets(effects, analysed)
@@ -426,6 +680,14 @@ def build_report(
     figures += figs
 
     payload: dict = dict(effects)
+    if comparisons:
+        payload["_paired"] = {
+            "references": paired["references"],
+            "comparisons": comparisons,
+            "components": pair_cis,
+        }
+    if mdes:
+        payload["_mde"] = mdes
     if optuna_study is not None:
         more, figs, info = _search_blocks(optuna_study, figdir)
         blocks += more

@@ -10,7 +10,7 @@ import pandas as pd
 from harness.errors import HarnessError
 from harness.report.build import ReportFiles, build_report
 
-__all__ = ["read_results_csv", "report_for_study", "report_from_csv", "split_names"]
+__all__ = ["question_records", "read_results_csv", "report_for_study", "report_from_csv", "split_names"]
 
 
 def split_names(text: str | None, what: str) -> list[str]:
@@ -67,6 +67,66 @@ def report_from_csv(
     )
 
 
+def question_records(
+    output_dir: str | Path, results: pd.DataFrame, metrics: Sequence[str]
+) -> pd.DataFrame | None:
+    """Per-question scores of the COMPLETE trials: ``<output_dir>/trials/<n>/eval/samples.jsonl``.
+
+    One row per (variant, seed, benchmark, question) with ``metric`` (``scienceqa.acc``) and ``score``,
+    for the benchmark metrics in ``metrics``. A base trial that reused another's evaluation (the base
+    model is scored once per study) takes that trial's samples. None when no trial left samples, or when
+    a variant has several trials for one seed (a search, or grid axes over hyperparameters): pooling
+    different hyperparameters under one variant name would not be a paired comparison of that variant.
+    """
+    import json
+
+    from harness.report.effects import complete_rows
+
+    wanted = {
+        m.split(".", 1)[0]: m.split(".", 1)[1] for m in metrics if "." in m and not m.startswith("mean.")
+    }
+    root = Path(output_dir) / "trials"
+    rows: list[dict] = []
+    base_samples = None
+    done = complete_rows(results)
+    trained = done[done.get("family", pd.Series("", index=done.index)).astype(str) != "base"]
+    if trained.duplicated(["variant", "seed"]).any():
+        return None
+    for family in ("base", None):  # base first, so reusing trials find its samples
+        for _, r in done.iterrows():
+            if (family == "base") != (str(r.get("family", "")) == "base"):
+                continue
+            path = root / str(int(r["trial"])) / "eval" / "samples.jsonl"
+            if not path.is_file() and family == "base" and base_samples is not None:
+                path = base_samples
+            if not path.is_file():
+                continue
+            if family == "base":
+                base_samples = base_samples or path
+            for line in path.read_text(encoding="utf-8").splitlines():
+                sample = json.loads(line)
+                score_name = wanted.get(sample["benchmark"])
+                score = sample.get("scores", {}).get(score_name) if score_name else None
+                if isinstance(score, bool | int | float):
+                    rows.append(
+                        {
+                            "variant": r["variant"],
+                            "seed": int(r.get("seed", 0)),
+                            "benchmark": sample["benchmark"],
+                            "question": str(sample["id"]),
+                            "metric": f"{sample['benchmark']}.{score_name}",
+                            "score": float(score),
+                        }
+                    )
+    if not rows:
+        return None
+    records = pd.DataFrame(rows)
+    # A base trial per seed evaluates the same untrained model: one set of answers, counted once.
+    base = records["variant"].isin(done.loc[done.get("family", pd.Series(dtype=str)) == "base", "variant"])
+    dedup = records[base].drop_duplicates(["variant", "benchmark", "question"])
+    return pd.concat([dedup, records[~base]], ignore_index=True)
+
+
 def report_for_study(spec, *, out_dir: str | Path | None = None, log_artifacts: bool = True) -> ReportFiles:
     """The report of a study spec: results from ``harness.tracking.load_results``, the Optuna study for
     search studies, files under ``out_dir`` (default ``reports/<study name>``), then logged as artifacts
@@ -108,6 +168,7 @@ def report_for_study(spec, *, out_dir: str | Path | None = None, log_artifacts: 
         title=f"UniSD study {spec.name}: which components drive the gains",
         study_kind=kind,
         optuna_study=study,
+        questions=question_records(spec.output_path, df, metrics),
     )
     if study is not None:
         _write_best_spec(spec, study, files.directory)

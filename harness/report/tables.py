@@ -67,12 +67,17 @@ def factorial_rows(df: pd.DataFrame) -> pd.DataFrame:
     """The rows of the component factorial: the UniSD variants plus SDFT, which is the empty subset.
 
     Base, SFT and GKD also have every component column at 0 but are different methods: mixing them into
-    the empty subset would corrupt every effect, so they are left out of the effects analysis.
+    the empty subset would corrupt every effect, so they are left out of the effects analysis. Presets
+    (``unisd_star`` ...) are recipes with their own hyperparameters: they are reported beside the
+    factorial, never pooled into the cell of their component set.
     """
     if "family" not in df.columns:
         return df
+    from harness.spec import PRESET_COMPONENTS
+
     keep = df["family"].astype(str) == "unisd"
     if "variant" in df.columns:
+        keep &= ~df["variant"].astype(str).isin(list(PRESET_COMPONENTS))
         keep |= df["variant"].astype(str) == "sdft"
     return df[keep]
 
@@ -119,7 +124,13 @@ def order_variants(df: pd.DataFrame, components: Sequence[str] = ()) -> list[str
 
 
 def variant_stats(df: pd.DataFrame, metrics: Sequence[str], components: Sequence[str] = ()) -> pd.DataFrame:
-    """Long table: variant, family, metric, n, mean, std, ci_low, ci_high (95%, Student t over seeds)."""
+    """Long table: variant, family, metric, n, mean, std, se, ci_low, ci_high.
+
+    Without per-question standard errors: the 95% CI is Student's t over the seeds (none for one seed).
+    With a ``<metric>_se`` column (the questions' standard error of each trial's score), the seed spread
+    and the question spread are combined, ``se = √(s²/n + mean(se_q²))``, and the CI is ``mean ± 1.96·se``
+    (conservative: every seed answers the same questions, so their question errors are not independent).
+    """
     rows = complete_rows(df)
     records = []
     for variant in order_variants(rows, components) if len(rows) else []:
@@ -132,6 +143,13 @@ def variant_stats(df: pd.DataFrame, metrics: Sequence[str], components: Sequence
             mean = float(y.mean()) if n else np.nan
             std = float(y.std(ddof=1)) if n > 1 else np.nan
             half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else np.nan
+            se = float(std / np.sqrt(n)) if n > 1 else np.nan
+            if f"{metric}_se" in sub.columns:  # per-question standard errors: add the question spread
+                q = pd.to_numeric(sub[f"{metric}_se"], errors="coerce").to_numpy(dtype=float)
+                q = q[np.isfinite(q)]
+                if len(q) and n:
+                    se = float(np.sqrt((std**2 / n if n > 1 else 0.0) + np.mean(q**2)))
+                    half = float(stats.norm.ppf(0.975) * se)
             records.append(
                 {
                     "variant": variant,
@@ -140,12 +158,13 @@ def variant_stats(df: pd.DataFrame, metrics: Sequence[str], components: Sequence
                     "n": n,
                     "mean": mean,
                     "std": std,
+                    "se": se,
                     "ci_low": mean - half,
                     "ci_high": mean + half,
                 }
             )
     return pd.DataFrame(
-        records, columns=["variant", "family", "metric", "n", "mean", "std", "ci_low", "ci_high"]
+        records, columns=["variant", "family", "metric", "n", "mean", "std", "se", "ci_low", "ci_high"]
     )
 
 
