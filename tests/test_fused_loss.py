@@ -274,6 +274,27 @@ def test_fused_step_holds_no_full_vocabulary_tensor(tiny_model_and_tokenizer, ca
     metrics, _ = _one_step(model, tok, variant, cache_dir, monkeypatch, fused=True)
     assert rows and max(rows) <= 4
     masked = 9 + 2 + 6
-    # forward: student + teacher over the masked positions; backward: both again.
-    assert sum(rows) == 4 * masked
+    # forward: student + teacher over the masked positions; backward: both again, but for the last
+    # chunk (17 = 4 + 4 + 4 + 4 + 1), whose log-probs the forward kept.
+    assert sum(rows) == 4 * masked - 2 * 1
     assert metrics["loss"] > 0
+
+
+def test_sampled_token_scoring_chunks_over_positions_not_only_rows(tiny_model_and_tokenizer, monkeypatch):
+    """One row of T positions is already T·V logits: the extra contexts' scoring chunks positions too."""
+    from unisd_components import scoring
+
+    model, _ = tiny_model_and_tokenizer
+    V = model.config.vocab_size
+    hidden = torch.randn(2, 9, model.config.hidden_size)
+    tokens = torch.randint(0, V, (2, 9))
+    sizes: list[int] = []
+    real = scoring.completion_logits
+    monkeypatch.setattr(scoring, "completion_logits", lambda m, h: sizes.append(h.shape[0]) or real(m, h))
+    with torch.no_grad():
+        got = scoring.sampled_token_logps(
+            model, hidden, tokens, torch.tensor([0.7, 1.0]), chunk_elements=4 * V
+        )
+        want = torch.log_softmax(real(model, hidden) / torch.tensor([0.7, 1.0])[:, None, None], -1)
+    assert max(sizes) <= 4 and sum(sizes) == 18
+    torch.testing.assert_close(got, want.gather(-1, tokens[..., None]).squeeze(-1), rtol=RTOL, atol=1e-5)

@@ -203,12 +203,14 @@ class _FusedHeadScores(torch.autograd.Function):
         u_tok = torch.zeros(N, **f32)
         fkl = torch.zeros(N, **f32)
         ent = torch.zeros(N, **f32)
+        kept = None
         with torch.no_grad():
             for a in range(0, N, opt.chunk):
                 b = min(N, a + opt.chunk)
-                z, _ = _logits(h_s[a:b], weight, bias, opt.softcap, opt.tau, opt.dtype)
+                z, th = _logits(h_s[a:b], weight, bias, opt.softcap, opt.tau, opt.dtype)
                 s = torch.log_softmax(z, dim=-1)
                 del z
+                u = None
                 idx = tok[a:b, None]
                 s_tok[a:b] = s.gather(-1, idx).squeeze(-1)
                 p = s.exp()
@@ -222,8 +224,10 @@ class _FusedHeadScores(torch.autograd.Function):
                     # The same function as the unfused path: one definition of D.
                     d[a:b] = token_divergence(s, u, opt.alpha)
                     fkl[a:b] = d[a:b] if opt.alpha == 0.0 else kl_divergence(u, s)
-                    del u
-                del s
+                if b == N:  # the last chunk's log-probs stay for the backward: one recompute less
+                    kept = (a, s, u, th)
+                del s, u, th
+        ctx.kept = kept
         ctx.opt = opt
         ctx.has_teacher = has_teacher
         ctx.save_for_backward(h_s, weight, bias, h_t, t_weight, t_bias, tok, d)
@@ -245,25 +249,33 @@ class _FusedHeadScores(torch.autograd.Function):
             g_s = torch.zeros(N, dtype=torch.float32, device=h_s.device)
         use_d = ctx.has_teacher and bool(g_d.any())
         w_mm = weight if opt.dtype is None else weight.to(opt.dtype)
+        kept, ctx.kept = ctx.kept, None
         with torch.no_grad():
-            for a in range(0, N, opt.chunk):
+            # Last chunk first: its log-probs were kept by the forward and are freed before the others.
+            for a in reversed(range(0, N, opt.chunk)):
                 b = min(N, a + opt.chunk)
                 gd, gs = g_d[a:b, None].float(), g_s[a:b, None].float()
-                z, th = _logits(h_s[a:b], weight, bias, opt.softcap, opt.tau, opt.dtype)
-                s = torch.log_softmax(z, dim=-1)
-                del z
+                if kept is not None and kept[0] == a:
+                    _, s, u, th = kept
+                    kept = None
+                else:
+                    z, th = _logits(h_s[a:b], weight, bias, opt.softcap, opt.tau, opt.dtype)
+                    s = torch.log_softmax(z, dim=-1)
+                    del z
+                    u = None
                 p = s.exp()
                 if use_d:
-                    zt, _ = _logits(h_t[a:b], t_weight, t_bias, opt.teacher_softcap, opt.tau, opt.dtype)
-                    u = torch.log_softmax(zt, dim=-1)
-                    del zt
+                    if u is None:
+                        zt, _ = _logits(h_t[a:b], t_weight, t_bias, opt.teacher_softcap, opt.tau, opt.dtype)
+                        u = torch.log_softmax(zt, dim=-1)
+                        del zt
                     dz = _divergence_grad(s, u, p, d[a:b, None], opt.alpha)
-                    del u
+                    u = None
                     dz.mul_(gd)
                     dz.sub_(p.mul_(gs))  # p is not needed after this
                 else:
                     dz = p.mul_(-gs)
-                del s
+                del s, u
                 dz.scatter_add_(-1, tok[a:b, None], gs)
                 # z = softcap(raw) / tau: d raw = dz / tau · (1 - tanh^2)
                 if opt.tau != 1.0:
