@@ -186,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-gb", type=float, default=8.0, help="skip unfused runs estimated above this")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="fused configurations run this many at a time (each in its process)",
+    )
+    parser.add_argument(
         "--sample",
         action="store_true",
         help="really sample the completions and negatives (default: random tokens; see the docstring)",
@@ -201,11 +207,26 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, int, bool], dict] = {}
     skipped: dict[tuple[str, int, bool], str] = {}
     print(f"vocab {VOCAB}, hidden {HIDDEN}, batch {BATCH}, device {args.device}", flush=True)
+    if args.jobs > 1:  # the fused runs are small: several at a time (peaks are per process)
+        from concurrent.futures import ThreadPoolExecutor
+
+        keys = [(m, T, True) for T in lengths for m in args.methods]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = {k: pool.submit(_run_child, *k, args.device, args.sample) for k in keys}
+            for key, future in futures.items():
+                results[key] = r = future.result()
+                print(
+                    f"{key[0]:<11} T={key[1]:<5} fused   growth {r['growth_mb']:8.0f} MB "
+                    f"({r['growth_mb'] / tensor_mb(key[1]):.2f} tensors), {r['seconds']:.1f} s",
+                    flush=True,
+                )
     # Fused first (small), then unfused by increasing T: the largest, riskiest runs come last.
     for fused in (True, False):
         for T in lengths:
             for method in args.methods:
                 key = (method, T, fused)
+                if key in results:
+                    continue
                 done = [r for (m, t, f), r in results.items() if m == method and f == fused]
                 if not fused and done:
                     last = max(done, key=lambda r: r["T"])

@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         help="compare training.fused_loss true against false (SDFT and UniSD*, interleaved; no TRL)",
     )
     parser.add_argument(
+        "--methods", nargs="+", default=["sdft", "unisd_star"], help="with --fused-vs-unfused: which methods"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -305,7 +308,9 @@ def _fused_vs_unfused(model, tokenizer, examples, variants, args) -> int:
     rows: dict[tuple[str, bool], list[dict[str, float]]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="unisd-bench-") as tmp:
         cache = Path(tmp)
-        run_ours(model, tokenizer, examples, variants["unisd_star"], 0, cache, warmup=1)
+        if "unisd_star" in args.methods:
+            run_ours(model, tokenizer, examples, variants["unisd_star"], 0, cache, warmup=1)
+        variants = {name: variants[name] for name in args.methods}
         for round_ in range(args.rounds):
             for name, variant in variants.items():
                 # Alternate which goes first, so a drift in machine load does not favour one side.

@@ -252,6 +252,21 @@ def test_fused_step_matches_unfused_for_the_baselines(
     _assert_parity(model, tok, variant, cache_dir, monkeypatch)
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [VariantConfig(), _subset_variant(("agreement", "contrastive", "ema", "feature_matching"))],
+    ids=["sdft-lora", "unisd-star-lora"],
+)
+def test_fused_step_matches_unfused_under_lora(variant, tiny_model_and_tokenizer, cache_dir, monkeypatch):
+    """Under LoRA the LM head is frozen (no weight gradient to form) and the teacher is the base with
+    adapters off (SDFT) or a second adapter (EMA): only the adapters' gradients, equal on both paths."""
+    from unisd_components.lora import apply_lora
+
+    model, tok = tiny_model_and_tokenizer
+    lora_model = apply_lora(model, r=4)
+    _assert_parity(lora_model, tok, variant, cache_dir, monkeypatch)
+
+
 def test_fused_step_holds_no_full_vocabulary_tensor(tiny_model_and_tokenizer, cache_dir, monkeypatch):
     """The LM head runs on masked completion positions only, at most ``fused_chunk_tokens`` at a time,
     and the full-vocabulary log-softmax of the unfused path is never called."""
@@ -298,3 +313,28 @@ def test_sampled_token_scoring_chunks_over_positions_not_only_rows(tiny_model_an
         want = torch.log_softmax(real(model, hidden) / torch.tensor([0.7, 1.0])[:, None, None], -1)
     assert max(sizes) <= 4 and sum(sizes) == 18
     torch.testing.assert_close(got, want.gather(-1, tokens[..., None]).squeeze(-1), rtol=RTOL, atol=1e-5)
+
+
+def test_bf16_matmuls_stay_close_to_fp32():
+    """CUDA runs the LM-head matmuls in bf16 (as autocast would); the rest stays fp32."""
+    gen = torch.Generator().manual_seed(2)
+    W = torch.randn(400, 16, generator=gen, requires_grad=True)
+    hs = torch.randn(2, 6, 16, generator=gen, requires_grad=True)
+    ht, tok = torch.randn(2, 6, 16, generator=gen), torch.randint(0, 400, (2, 6), generator=gen)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    outs = []
+    for dtype in (None, torch.bfloat16):
+        out = fused_head_scores(
+            hs,
+            HeadWeights(W),
+            tok,
+            mask,
+            0.7,
+            teacher_hidden=ht,
+            teacher_head=HeadWeights(W),
+            compute_dtype=dtype,
+        )
+        (grad,) = torch.autograd.grad(out.divergence.sum() + out.token_logps.sum(), [hs])
+        outs.append((out.divergence.detach(), grad))
+    assert outs[1][0].dtype == torch.float32 and outs[1][1].dtype == torch.float32
+    assert _rel(outs[1][0], outs[0][0]) < 0.05 and _rel(outs[1][1], outs[0][1]) < 0.05

@@ -177,8 +177,8 @@ class _Options:
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap, tau, dtype):
     """fp32 ``softcap(h W^T + b) / tau`` and, with soft-capping, the tanh for its derivative."""
-    if dtype is not None:
-        z = F.linear(h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).float()
+    if dtype is not None:  # weight and bias already in dtype (cast once per call, not per chunk)
+        z = F.linear(h.to(dtype), weight, bias).float()
     else:
         z = F.linear(h, weight, bias).float()
     th = None
@@ -205,9 +205,11 @@ class _FusedHeadScores(torch.autograd.Function):
         ent = torch.zeros(N, **f32)
         kept = None
         with torch.no_grad():
+            weight_mm, bias_mm = _cast(weight, opt.dtype), _cast(bias, opt.dtype)
+            t_weight_mm, t_bias_mm = _cast(t_weight, opt.dtype), _cast(t_bias, opt.dtype)
             for a in range(0, N, opt.chunk):
                 b = min(N, a + opt.chunk)
-                z, th = _logits(h_s[a:b], weight, bias, opt.softcap, opt.tau, opt.dtype)
+                z, th = _logits(h_s[a:b], weight_mm, bias_mm, opt.softcap, opt.tau, opt.dtype)
                 s = torch.log_softmax(z, dim=-1)
                 del z
                 u = None
@@ -217,7 +219,7 @@ class _FusedHeadScores(torch.autograd.Function):
                 ent[a:b] = -(p * s).sum(-1)
                 del p
                 if has_teacher:
-                    zt, _ = _logits(h_t[a:b], t_weight, t_bias, opt.teacher_softcap, opt.tau, opt.dtype)
+                    zt, _ = _logits(h_t[a:b], t_weight_mm, t_bias_mm, opt.teacher_softcap, opt.tau, opt.dtype)
                     u = torch.log_softmax(zt, dim=-1)
                     del zt
                     u_tok[a:b] = u.gather(-1, idx).squeeze(-1)
@@ -248,9 +250,10 @@ class _FusedHeadScores(torch.autograd.Function):
         if g_s is None:
             g_s = torch.zeros(N, dtype=torch.float32, device=h_s.device)
         use_d = ctx.has_teacher and bool(g_d.any())
-        w_mm = weight if opt.dtype is None else weight.to(opt.dtype)
         kept, ctx.kept = ctx.kept, None
         with torch.no_grad():
+            weight_mm, bias_mm = _cast(weight, opt.dtype), _cast(bias, opt.dtype)
+            t_weight_mm, t_bias_mm = _cast(t_weight, opt.dtype), _cast(t_bias, opt.dtype)
             # Last chunk first: its log-probs were kept by the forward and are freed before the others.
             for a in reversed(range(0, N, opt.chunk)):
                 b = min(N, a + opt.chunk)
@@ -259,14 +262,16 @@ class _FusedHeadScores(torch.autograd.Function):
                     _, s, u, th = kept
                     kept = None
                 else:
-                    z, th = _logits(h_s[a:b], weight, bias, opt.softcap, opt.tau, opt.dtype)
+                    z, th = _logits(h_s[a:b], weight_mm, bias_mm, opt.softcap, opt.tau, opt.dtype)
                     s = torch.log_softmax(z, dim=-1)
                     del z
                     u = None
                 p = s.exp()
                 if use_d:
                     if u is None:
-                        zt, _ = _logits(h_t[a:b], t_weight, t_bias, opt.teacher_softcap, opt.tau, opt.dtype)
+                        zt, _ = _logits(
+                            h_t[a:b], t_weight_mm, t_bias_mm, opt.teacher_softcap, opt.tau, opt.dtype
+                        )
                         u = torch.log_softmax(zt, dim=-1)
                         del zt
                     dz = _divergence_grad(s, u, p, d[a:b, None], opt.alpha)
@@ -289,7 +294,7 @@ class _FusedHeadScores(torch.autograd.Function):
                 else:
                     dz_mm, hs_mm = dz.to(weight.dtype), hs.to(weight.dtype)
                 if need_h:
-                    grad_h[a:b] = (dz_mm @ w_mm).to(grad_h.dtype)
+                    grad_h[a:b] = (dz_mm @ weight_mm).to(grad_h.dtype)
                 if need_w:
                     grad_w.add_((dz_mm.t() @ hs_mm).float())
                 if need_b:
@@ -298,6 +303,10 @@ class _FusedHeadScores(torch.autograd.Function):
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return t if t is None or dtype is None else t.to(dtype)
 
 
 def _divergence_grad(s, u, p, d, alpha: float) -> torch.Tensor:
