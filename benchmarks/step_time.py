@@ -103,7 +103,7 @@ def _examples(tokenizer, n: int, data_dir: str | None):
 
 
 def run_ours(
-    base_model, tokenizer, examples, variant, steps: int, cache_dir: Path, warmup: int = 2
+    base_model, tokenizer, examples, variant, steps: int, cache_dir: Path, warmup: int = 2, fused: bool = True
 ) -> list[dict[str, float]]:
     from unisd_components import TrainingConfig, train_variant
 
@@ -113,6 +113,7 @@ def run_ours(
         max_completion_tokens=COMPLETION_TOKENS,
         temperature=0.7,
         learning_rate=1e-5,
+        fused_loss=fused,
     )
     model = copy.deepcopy(base_model)
     model.generation_config.min_new_tokens = COMPLETION_TOKENS  # equal work for every method (see docstring)
@@ -229,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=os.environ.get("UNISD_DATA_DIR"))
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument(
+        "--fused-vs-unfused",
+        action="store_true",
+        help="compare training.fused_loss true against false (SDFT and UniSD*, interleaved; no TRL)",
+    )
+    parser.add_argument(
+        "--methods", nargs="+", default=["sdft", "unisd_star"], help="with --fused-vs-unfused: which methods"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -255,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     rows: dict[str, list[dict[str, float]]] = defaultdict(list)
+    if args.fused_vs_unfused:
+        return _fused_vs_unfused(model, tokenizer, examples, variants, args)
     with tempfile.TemporaryDirectory(prefix="unisd-bench-") as tmp:
         cache = Path(tmp)
         # Generate the negatives and embeddings once, outside the timed runs (a study caches them too).
@@ -288,6 +299,41 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "  per phase: "
             + ", ".join(f"{p} {medians['sdft'][p] / max(medians['trl'][p], 1e-9):.2f}" for p in PHASES)
+        )
+    return 0
+
+
+def _fused_vs_unfused(model, tokenizer, examples, variants, args) -> int:
+    """``training.fused_loss`` on against off, per method, in interleaved rounds (fused, unfused, ...)."""
+    rows: dict[tuple[str, bool], list[dict[str, float]]] = defaultdict(list)
+    with tempfile.TemporaryDirectory(prefix="unisd-bench-") as tmp:
+        cache = Path(tmp)
+        if "unisd_star" in args.methods:
+            run_ours(model, tokenizer, examples, variants["unisd_star"], 0, cache, warmup=1)
+        variants = {name: variants[name] for name in args.methods}
+        for round_ in range(args.rounds):
+            for name, variant in variants.items():
+                # Alternate which goes first, so a drift in machine load does not favour one side.
+                for fused in (True, False) if round_ % 2 == 0 else (False, True):
+                    rows[name, fused] += run_ours(
+                        model, tokenizer, examples, variant, args.steps, cache, args.warmup, fused=fused
+                    )
+                    label = "fused" if fused else "unfused"
+                    print(
+                        f"round {round_ + 1}: {name} {label} {_median(rows[name, fused])['total']:.2f} s/step so far",
+                        flush=True,
+                    )
+    print("\nmedian seconds per optimizer step")
+    print(f"{'method':<22}" + "".join(f"{p:>12}" for p in (*PHASES, "total")))
+    medians = {key: _median(r) for key, r in rows.items()}
+    for (name, fused), m in medians.items():
+        label = f"{name} {'fused' if fused else 'unfused'}"
+        print(f"{label:<22}" + "".join(f"{m[p]:>12.2f}" for p in (*PHASES, "total")))
+    for name in variants:
+        fused, unfused = medians[name, True], medians[name, False]
+        print(
+            f"{name}: fused / unfused = {fused['total'] / unfused['total']:.3f} (target <= 1.05); per phase: "
+            + ", ".join(f"{p} {fused[p] / max(unfused[p], 1e-9):.2f}" for p in PHASES)
         )
     return 0
 

@@ -51,6 +51,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary = run_study(spec, workers=args.workers, gpus_per_trial=args.gpus_per_trial, dry_run=args.dry_run)
     if summary.dry_run:
         print(summary.plan)
+        from harness.memory_estimate import describe_memory
+
+        print(describe_memory(spec, args.gpu_memory))
         return 0
     states = ", ".join(f"{n} {s}" for s, n in sorted(summary.states.items()))
     print(f"study {summary.study}: {states} ({summary.ran} run now, {summary.wall_seconds:.1f}s)")
@@ -235,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--storage", help="Optuna storage URL (e.g. postgresql://...), overrides the spec")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GB",
+        help="with --dry-run: check the per-trial memory estimate against this GPU size (default: the GPU seen)",
+    )
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.set_defaults(func=_cmd_run)
 

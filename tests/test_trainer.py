@@ -243,7 +243,10 @@ def test_infinite_learning_rate_stops_with_a_clear_error(tiny_model_and_tokenize
 
 
 def test_lm_head_never_sees_prompt_positions(tiny_model_and_tokenizer, cache_dir):
-    """The LM head runs on completion positions only: length T when scoring, 1 when sampling."""
+    """The LM head runs on completion positions only: length T when scoring, 1 when sampling.
+
+    On the unfused path, where the head module is called on ``[R,T,H]``; the fused path's chunks are
+    pinned by ``test_fused_loss.test_fused_step_holds_no_full_vocabulary_tensor``."""
     model, tok = tiny_model_and_tokenizer
     decoder, head = decoder_and_head(model)
     head_lengths: list[int] = []
@@ -262,7 +265,7 @@ def test_lm_head_never_sees_prompt_positions(tiny_model_and_tokenizer, cache_dir
         contrastive=ContrastiveConfig(),
         clipping=ClippingConfig(),
     )
-    training = TRAINING.model_copy(update={"max_steps": 1})
+    training = TRAINING.model_copy(update={"max_steps": 1, "fused_loss": False})
     result = train_variant(model, tok, _examples(), variant, training, cache_dir=cache_dir)
     assert result.history[0]["completion_tokens"] > 0
     scoring = [n for n in head_lengths if n != 1]

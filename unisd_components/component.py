@@ -65,8 +65,10 @@ class StepScores:
 
     mask: torch.Tensor  # bool, real completion tokens (up to and including EOS)
     tokens: torch.Tensor  # long, the completion token ids
-    student_logps: torch.Tensor  # [B,T,V] fp32 at the loss temperature, with gradient
-    teacher_logps: torch.Tensor  # [B,T,V] fp32 at the loss temperature, no gradient
+    # [B,T,V] fp32 at the loss temperature (student with gradient); None under the fused loss
+    # (training.fused_loss), which never builds them: components use the [B,T] fields below.
+    student_logps: torch.Tensor | None
+    teacher_logps: torch.Tensor | None
     student_token_logps: torch.Tensor  # sampled-token log-probs, with gradient
     teacher_token_logps: torch.Tensor
     student_hidden: torch.Tensor | None = None  # [B,T,H] final hidden states (after the final norm)

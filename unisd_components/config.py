@@ -114,3 +114,9 @@ class TrainingConfig(_Strict):
     skip_first_tokens: int = Field(0, ge=0)
     seed: int = 0
     gradient_checkpointing: bool = False
+    fused_loss: bool = Field(
+        True, description="LM head + divergence chunk by chunk, no [B,T,V] tensor; false: unfused reference"
+    )
+    fused_chunk_tokens: int | None = Field(
+        None, ge=1, description="completion positions per fused chunk; None: about 16M logits per chunk"
+    )

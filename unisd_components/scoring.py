@@ -121,24 +121,28 @@ def sampled_token_logps(
 ) -> torch.Tensor:
     """Log-probs ``[R,T]`` (fp32) of ``tokens`` (``[R,T]``) under ``logits / temperature``.
 
-    ``temperature`` is a float or a per-row tensor ``[R]``. The logits are built and reduced a few rows
-    at a time (about ``chunk_elements`` floats each), so memory stays ``O(chunk)`` instead of
+    ``temperature`` is a float or a per-row tensor ``[R]``. The logits are built and reduced a few
+    (row, position) pairs at a time (about ``chunk_elements`` floats each, whatever ``T``: one row of
+    1024 positions at a 152k vocabulary is already 155M floats), so memory stays ``O(chunk)`` instead of
     ``O(R·T·V)``. Equal to ``log_softmax(logits / temperature).gather(tokens)``.
     """
     rows, steps = tokens.shape
     vocab = _vocab_size(model)
-    per_chunk = max(1, chunk_elements // max(1, steps * vocab))
+    per_chunk = max(1, chunk_elements // max(1, vocab))
     if not torch.is_tensor(temperature):
         temperature = torch.full((rows,), float(temperature))
     temperature = temperature.to(device=hidden.device, dtype=torch.float32)
-    out = torch.empty((rows, steps), dtype=torch.float32, device=hidden.device)
-    for start in range(0, rows, per_chunk):
-        stop = min(rows, start + per_chunk)
-        logits = completion_logits(model, hidden[start:stop]).float()
-        logits = logits / temperature[start:stop, None, None]
-        picked = logits.gather(-1, tokens[start:stop, :, None].to(logits.device)).squeeze(-1)
+    flat_hidden = hidden.reshape(rows * steps, hidden.shape[-1])
+    flat_tokens = tokens.reshape(rows * steps, 1).to(hidden.device)
+    flat_temperature = temperature[:, None].expand(rows, steps).reshape(rows * steps, 1)
+    out = torch.empty(rows * steps, dtype=torch.float32, device=hidden.device)
+    for start in range(0, rows * steps, per_chunk):
+        stop = min(rows * steps, start + per_chunk)
+        logits = completion_logits(model, flat_hidden[start:stop]).float()
+        logits = logits / flat_temperature[start:stop]
+        picked = logits.gather(-1, flat_tokens[start:stop]).squeeze(-1)
         out[start:stop] = picked - torch.logsumexp(logits, dim=-1)
-    return out
+    return out.view(rows, steps)
 
 
 def _vocab_size(model: nn.Module) -> int:

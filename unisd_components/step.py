@@ -34,6 +34,7 @@ from unisd_components import contexts
 from unisd_components.chat import encode_prompt
 from unisd_components.config import TrainingConfig, VariantConfig
 from unisd_components.divergence import token_divergence
+from unisd_components.fused_loss import FusedScores, HeadWeights, fused_head_scores, head_weights
 from unisd_components.losses import masked_sequence_means, sequence_weighted_mean, weighted_sequence_mean
 from unisd_components.registry import Component, StepScores
 from unisd_components.scoring import completion_hidden, completion_logps, pad_left, sampled_token_logps
@@ -184,6 +185,8 @@ class StepRunner:
         self.tau = training.loss_temperature or training.temperature
         self.needs_hidden = any(c.needs_hidden for c in self.components)
         self.drops_divergence = any(c.drops_divergence for c in self.components)
+        # Fused: LM head + divergence chunk by chunk (unisd_components.fused_loss), no [B,T,V] tensor.
+        self.fused = training.fused_loss
         self._policy_rng = random.Random(f"{seed}:gkd-policy")
         self._token_cache: dict[tuple[str, str], list[int]] = {}
 
@@ -291,7 +294,10 @@ class StepRunner:
         T = completion.shape[1]
         with torch.no_grad(), self._autocast(), self.teacher.active() as module:
             hidden = self._row_hidden(module, rows, completion, lengths)
-            teacher_logps = completion_logps(module, hidden[:B], self.tau)
+            if self.fused:  # the hidden states and the head; the logits are built chunk by chunk later
+                teacher_logps = (hidden[:B], head_weights(module, detach=True))
+            else:
+                teacher_logps = completion_logps(module, hidden[:B], self.tau)
             teacher_hidden = hidden[:B] if self.needs_hidden else None
             extra_logps = None
             if len(rows.contexts) > B:
@@ -316,8 +322,31 @@ class StepRunner:
             hidden = self._row_hidden(
                 self.model, _Rows(prompts, list(range(len(prompts)))), completion, lengths
             )
-            logps = completion_logps(self.model, hidden, temperature)
+            logps = None if self.fused else completion_logps(self.model, hidden, temperature)
         return hidden, logps
+
+    def _fused_scores(
+        self,
+        hidden: torch.Tensor,
+        completion: torch.Tensor,
+        mask: torch.Tensor,
+        temperature: float,
+        teacher: tuple[torch.Tensor, HeadWeights] | None = None,
+        alpha: float = 0.0,
+    ) -> FusedScores:
+        """Per-token ``[B,T]`` values of the fused LM head + divergence (see :mod:`fused_loss`)."""
+        return fused_head_scores(
+            hidden,
+            head_weights(self.model),
+            completion,
+            mask,
+            temperature,
+            teacher_hidden=None if teacher is None else teacher[0],
+            teacher_head=None if teacher is None else teacher[1],
+            alpha=alpha,
+            chunk_tokens=self.training.fused_chunk_tokens,
+            compute_dtype=torch.bfloat16 if self.device.type == "cuda" else None,
+        )
 
     # ---- the micro-steps
 
@@ -346,29 +375,47 @@ class StepRunner:
             )
         with self.timer.phase("student"):
             student_hidden, student_logps = self._student_pass(prompts, completion, lengths, self.tau)
-            tokens = completion.unsqueeze(-1)
+            fused = None
+            if self.fused:
+                fused = self._fused_scores(student_hidden, completion, mask, self.tau, teacher_logps, alpha)
+                student_logps = teacher_logps = None
+                student_tok, teacher_tok = fused.token_logps, fused.teacher_token_logps
+            else:
+                tokens = completion.unsqueeze(-1)
+                student_tok = student_logps.gather(-1, tokens).squeeze(-1)
+                teacher_tok = teacher_logps.gather(-1, tokens).squeeze(-1)
             scores = StepScores(
                 mask=mask,
                 tokens=completion,
                 student_logps=student_logps,
                 teacher_logps=teacher_logps,
-                student_token_logps=student_logps.gather(-1, tokens).squeeze(-1),
-                teacher_token_logps=teacher_logps.gather(-1, tokens).squeeze(-1),
+                student_token_logps=student_tok,
+                teacher_token_logps=teacher_tok,
                 student_hidden=student_hidden if self.needs_hidden else None,
                 teacher_hidden=teacher_hidden,
                 context_token_logps=context_logps,
             )
-            terms, metrics = self._distill_terms(scores, alpha, base_logps)
+            terms, metrics = self._distill_terms(scores, alpha, base_logps, fused)
             metrics["generated_tokens"] = float(mask.sum()) if on_policy else 0.0
             metrics["completion_tokens"] = float(mask.sum(-1).float().mean())
             metrics["on_policy"] = float(on_policy)
         return terms, metrics
 
-    def _distill_terms(self, scores: StepScores, alpha: float, base_logps: torch.Tensor | None):
+    def _distill_terms(
+        self,
+        scores: StepScores,
+        alpha: float,
+        base_logps: torch.Tensor | None,
+        fused: FusedScores | None = None,
+    ):
         metrics: dict[str, float] = {}
         mask = scores.mask
-        per_token = token_divergence(scores.student_logps, scores.teacher_logps, alpha)
-        raw_kl = per_token.detach() if alpha == 0.0 else None  # forward KL already: not computed twice
+        if fused is not None:  # per-token values already reduced chunk by chunk
+            assert fused.divergence is not None
+            per_token, raw_kl = fused.divergence, fused.forward_kl
+        else:
+            per_token = token_divergence(scores.student_logps, scores.teacher_logps, alpha)
+            raw_kl = per_token.detach() if alpha == 0.0 else None  # forward KL already: not computed twice
         for component in self.components:
             per_token = component.transform_divergence(per_token, mask, metrics)
         token_w = _product(c.token_weights(scores, metrics) for c in self.components)
@@ -386,10 +433,14 @@ class StepRunner:
                 scores.student_token_logps, base_logps, mask
             )
         with torch.no_grad():
-            s, u = scores.student_logps.detach(), scores.teacher_logps
-            kl = raw_kl if raw_kl is not None else token_divergence(s, u, 0.0)
+            if fused is not None:
+                kl, entropy = fused.forward_kl, fused.entropy
+            else:
+                s, u = scores.student_logps.detach(), scores.teacher_logps
+                kl = raw_kl if raw_kl is not None else token_divergence(s, u, 0.0)
+                entropy = -(s.exp() * s).sum(-1)
             metrics["kl"] = float(weighted_sequence_mean(kl, mask))
-            metrics["entropy"] = float(weighted_sequence_mean(-(s.exp() * s).sum(-1), mask))
+            metrics["entropy"] = float(weighted_sequence_mean(entropy, mask))
         return terms, metrics
 
     def sft(self, examples: Sequence[Any], step: int):
@@ -397,8 +448,11 @@ class StepRunner:
         prompts = [self.prompt_ids(ex) for ex in examples]
         with self.timer.phase("student"):
             completion, mask, lengths = self.gold_completion(examples)
-            _, logps = self._student_pass(prompts, completion, lengths, 1.0)
-            token_logps = logps.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+            hidden, logps = self._student_pass(prompts, completion, lengths, 1.0)
+            if self.fused:
+                token_logps = self._fused_scores(hidden, completion, mask, 1.0).token_logps
+            else:
+                token_logps = logps.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
             terms = {"cross_entropy": weighted_sequence_mean(-token_logps, mask)}
             metrics = {"completion_tokens": float(mask.sum(-1).float().mean()), "generated_tokens": 0.0}
         return terms, metrics
