@@ -60,6 +60,7 @@ from unisd_components.config import (
     TrainingConfig,
     VariantConfig,
 )
+from unisd_components.strict_numbers import bool_problem, refuse_bool_for_numbers
 
 __all__ = [
     "BASELINES",
@@ -104,6 +105,8 @@ PresetName = Literal["unisd_star", "unisd_star_paper"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # `training.max_steps: true` is not 1: no boolean in an int or float field (see strict_numbers)
+    _no_bool_numbers = field_validator("*", mode="before")(refuse_bool_for_numbers)
 
 
 class _FieldProblem(ValueError):
@@ -218,7 +221,7 @@ def _plain(annotation: Any) -> Any:
     return annotation
 
 
-def _check_against_field(adapter: TypeAdapter, value: Any) -> Any:
+def _check_against_field(adapter: TypeAdapter, value: Any, annotation: Any = None) -> Any:
     """A search space's bounds and choices must themselves be valid values of the field."""
     if isinstance(value, FloatSpace | IntSpace):
         probes = [("low", value.low), ("high", value.high)]
@@ -229,6 +232,9 @@ def _check_against_field(adapter: TypeAdapter, value: Any) -> Any:
     if value.default is not None:
         probes.append(("default", value.default))
     for label, probe in probes:
+        problem = bool_problem(annotation, probe)
+        if problem:
+            raise ValueError(f"search space {label}: {problem}")
         try:
             adapter.validate_python(probe)
         except ValidationError as err:
@@ -245,7 +251,7 @@ def _hyperparameter(field: Any) -> tuple[Any, Any]:
         members.append(Annotated[FloatSpace, Tag(_TAG_FLOAT)])
     elif plain is int:
         members.append(Annotated[IntSpace, Tag(_TAG_INT)])
-    checker = functools.partial(_check_against_field, TypeAdapter(value_type))
+    checker = functools.partial(_check_against_field, TypeAdapter(value_type), annotation=value_type)
     spec_type = Annotated[Union[tuple(members)], Discriminator(_space_tag), AfterValidator(checker)]  # noqa: UP007
     return spec_type, Field(field.default, description=field.description)
 
@@ -255,7 +261,7 @@ def _section_model(config: type[BaseModel], name: str, skip: tuple[str, ...] = (
     doc = (config.__doc__ or "").strip().splitlines()[0] if config.__doc__ else ""
     return create_model(
         name,
-        __config__=ConfigDict(extra="forbid"),
+        __base__=_Strict,
         __doc__=f"{doc} Every field: a value or a search space.",
         **fields,
     )

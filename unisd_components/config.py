@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from unisd_components.strict_numbers import refuse_bool_for_numbers
 
 __all__ = [
     "AgreementConfig",
@@ -32,6 +34,8 @@ __all__ = [
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # `max_steps=True` is not one step: no boolean in an int or float field (see strict_numbers)
+    _no_bool_numbers = field_validator("*", mode="before")(refuse_bool_for_numbers)
 
 
 class AgreementConfig(_Strict):
