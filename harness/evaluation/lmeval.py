@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.evaluation.quiet_git import silence_lm_eval_git
 
 __all__ = ["SCORINGS", "EvalResult", "evaluate_model", "normalise_metrics", "task_name"]
 
@@ -224,6 +225,7 @@ def evaluate_model(
         },
     )
     chat = bool(getattr(tokenizer, "chat_template", None))
+    silence_lm_eval_git()  # no "fatal: not a git repository" outside a checkout
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=list(tasks),
