@@ -10,9 +10,10 @@ before the failure (finished trials) is intact; the same command resumes once th
 from __future__ import annotations
 
 import errno
+import logging
 import traceback
 
-__all__ = ["describe_storage_error"]
+__all__ = ["describe_storage_error", "quiet_store_logs"]
 
 _CAUSES = (
     "database or disk is full",
@@ -71,3 +72,9 @@ def describe_storage_error(err: BaseException, *, optuna_url: str, tracking_uri:
         f"{store}: {cause}. Finished trials are kept; free space (or fix the store) and run the same "
         "command again"
     )
+
+
+def quiet_store_logs() -> None:
+    """MLflow logs every database error with its whole traceback (``mlflow.store.db.utils``, level ERROR)
+    before raising it; the harness reports the raised error in one line, so that log says it twice."""
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)

@@ -47,7 +47,8 @@ from harness.errors import HarnessError
 from harness.history import check_tracking_history
 from harness.output_dir import lock_output_dir, prepare_output_dir
 from harness.progress import LineProgress, RichProgress, StudyProgress
-from harness.storage_errors import describe_storage_error
+from harness.storage_errors import describe_storage_error, quiet_store_logs
+from harness.store_init import ensure_mlflow_store, ensure_optuna_store
 from harness.workers import clamp_message, device_cap, die_with_parent, points_cap
 
 if TYPE_CHECKING:
@@ -603,6 +604,7 @@ def _worker_main(args: _WorkerArgs, parent_pid: int | None = None) -> None:
 
     if parent_pid is not None:
         die_with_parent(parent_pid)  # a killed parent leaves no worker behind (SIGTERM, then a watchdog)
+    quiet_store_logs()
     keep_freed_memory()
     _interrupt_once()
     if args.n_workers > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
@@ -782,6 +784,7 @@ def _run_locked(
     """The body of :func:`run_study`, run while the output dir is locked."""
     from harness.tracking import finish_study, init_tracking
 
+    quiet_store_logs()  # a store error is reported once, in one line (see run_study)
     notes = []
     requested = workers
     most, why = device_cap(spec.model.device, gpus_per_trial)
@@ -792,8 +795,10 @@ def _run_locked(
         check_study_data(spec)  # a corrupt or missing benchmark file stops the study before any training
     warm = _start_warm_up(spec) if workers == 1 and trial_fn is None else None
     url = resolve_storage(spec, workers)
+    ensure_optuna_store(url)  # SQLite schemas built whole or not at all (a full disk must not leave half)
     study = load_study(spec, url, create=True)
     check_tracking_history(spec, study, url)  # mlflow.db deleted, optuna.db kept: one line, before a new store
+    ensure_mlflow_store(spec.tracking_uri)
     tracking = init_tracking(spec, parent_run_id=study.user_attrs.get("mlflow_parent_run_id"))
     study.set_user_attr("mlflow_parent_run_id", tracking.parent_run_id)
     points = _fixed_points(spec)

@@ -6,7 +6,10 @@ The end-to-end checks on the smoke study (killed parents, races, full disks) are
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -356,3 +359,142 @@ def test_finding9_files_left_in_every_world_writable_place_are_removed(tmp_path)
         for i, t in enumerate(targets):
             Path(f"{t}-{i}").unlink(missing_ok=True)
         __import__("shutil").rmtree(shared, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding 7: a full disk
+
+
+@contextlib.contextmanager
+def _small_disk(path: Path, size: str):
+    """A tmpfs of ``size`` mounted at ``path`` (root); None where mounting is not permitted."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        yield None
+        return
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+_FULL_DISK = ("database or disk is full", "No space left on device", "file too large")
+
+
+def test_finding7_stores_on_a_full_disk_are_one_line_and_the_rerun_completes(tmp_path):
+    from test_study import _spec, fake_trial
+
+    from harness.errors import HarnessError
+    from harness.study import run_study, study_trials
+
+    spec, _ = _spec(tmp_path)
+    with _small_disk(tmp_path / "disk", "600k") as disk:
+        if disk is None:  # no mount here: the same failure from a file-size limit, in a child process
+            _full_disk_by_rlimit(tmp_path)
+            return
+        spec = spec.with_overrides(output_dir=disk / "out")
+        with pytest.raises(HarnessError) as err:
+            run_study(spec, trial_fn=fake_trial, progress=_Messages())
+        text = str(err.value)
+        assert "\n" not in text and any(cause in text for cause in _FULL_DISK), text
+        assert text.startswith(("MLflow store sqlite:///", "Optuna storage sqlite:///")), text
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        summary = run_study(spec, trial_fn=fake_trial, progress=_Messages())
+        assert summary.states == {"COMPLETE": summary.total_points}
+        assert len(study_trials(spec)[1]) == summary.total_points
+
+
+def _full_disk_by_rlimit(tmp_path: Path) -> None:
+    code = f"""
+import resource, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+from pathlib import Path
+from test_study import _spec, fake_trial
+from harness.cli import main
+from harness.study import run_study
+from harness.errors import HarnessError
+spec, _ = _spec(Path({str(tmp_path)!r}))
+try:
+    run_study(spec, trial_fn=fake_trial)
+except HarnessError as err:
+    print("error:", err, file=sys.stderr)
+    sys.exit(2)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr and any(c in last for c in _FULL_DISK), done.stderr[-3000:]
+
+
+def filling_trial(point, spec, ctx):
+    """A stand-in trial that fills the disk while trial 2 runs (a neighbour's download, a core dump)."""
+    from test_study import fake_trial
+
+    if ctx.number == 2 and not (ctx.output_dir / "filler").exists():
+        with open(ctx.output_dir / "filler", "wb") as filler:
+            try:
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+            except OSError:
+                pass
+    return fake_trial(point, spec, ctx)
+
+
+def _run_study_process(spec_path: Path, trial_fn: str) -> subprocess.CompletedProcess:
+    """``run_study`` in a new process (as `harness run` is), with a stand-in trial ``module.function``;
+    a HarnessError is printed as the CLI does (one line, exit 2)."""
+    module, function = trial_fn.rsplit(".", 1)
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from harness.errors import HarnessError
+from harness.spec import load_spec
+from harness.study import run_study
+import {module}
+try:
+    summary = run_study(load_spec({str(spec_path)!r}), trial_fn={module}.{function})
+except HarnessError as err:
+    print("error:", err, file=sys.stderr)
+    sys.exit(2)
+print(summary.states)
+"""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+
+
+def test_finding7_a_disk_that_fills_mid_study_keeps_finished_trials(tmp_path):
+    from optuna.trial import TrialState
+    from test_study import GRID, _spec
+
+    from harness.study import study_trials
+
+    with _small_disk(tmp_path / "disk", "64m") as disk:
+        if disk is None:
+            pytest.skip(
+                "mounting a tmpfs is not permitted here; the rlimit variant of the test above still ran"
+            )
+        spec, path = _spec(tmp_path, GRID.replace("OUT", str(disk / "out")))
+        first = _run_study_process(path, "test_faults.filling_trial")
+        if first.returncode != 0:  # a store hit the full disk: one line naming it
+            last = first.stderr.strip().splitlines()[-1]
+            assert first.returncode == 2 and "Traceback" not in first.stderr, first.stderr[-3000:]
+            assert any(c in last for c in _FULL_DISK), last
+        else:  # the stores still had room: the trials that could not write failed, with the reason
+            reasons = [t.user_attrs.get("fail_reason", "") for t in study_trials(spec)[1]]
+            assert any("No space left" in r for r in reasons), reasons
+        before = {t.number: (t.state, t.values) for t in study_trials(spec)[1]}
+        assert [n for n, (state, _) in before.items() if state == TrialState.COMPLETE][:2] == [0, 1]
+        (spec.output_path / "filler").unlink()
+        rerun = _run_study_process(path, "test_study.fake_trial")  # the same command, space freed
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        after = {t.number: (t.state, t.values) for t in study_trials(spec)[1]}
+        for number, (state, values) in before.items():
+            if state == TrialState.COMPLETE:
+                assert after[number] == (state, values), "a finished trial changed"
+        done = {t.user_attrs["point_key"] for t in study_trials(spec)[1] if t.state == TrialState.COMPLETE}
+        assert len(done) == 6, "every point of the grid COMPLETE once"
