@@ -30,6 +30,7 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -49,7 +50,7 @@ from harness.output_dir import lock_output_dir, prepare_output_dir
 from harness.progress import LineProgress, RichProgress, StudyProgress
 from harness.storage_errors import describe_storage_error, quiet_store_logs
 from harness.store_init import ensure_mlflow_store, ensure_optuna_store
-from harness.workers import clamp_message, device_cap, die_with_parent, points_cap
+from harness.workers import clamp_message, device_cap, points_cap, run_child
 
 if TYPE_CHECKING:
     import optuna
@@ -598,12 +599,11 @@ def _interrupt_once() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _worker_main(args: _WorkerArgs, parent_pid: int | None = None) -> None:
-    """Entry of a spawned worker process. Exit codes: 0 done, 130 interrupted, 2 user error, 1 crash."""
+def _worker_main(args: _WorkerArgs) -> None:
+    """Entry of a spawned worker process (through ``harness.workers.run_child``, which makes it die with
+    its parent). Exit codes: 0 done, 130 interrupted, 2 user error, 1 crash."""
     from unisd_components.cpu_memory import keep_freed_memory
 
-    if parent_pid is not None:
-        die_with_parent(parent_pid)  # a killed parent leaves no worker behind (SIGTERM, then a watchdog)
     quiet_store_logs()
     keep_freed_memory()
     _interrupt_once()
@@ -652,9 +652,8 @@ def _run_workers(
     procs = []
     for i in range(n):
         worker_args = _WorkerArgs(**{**args.__dict__, "worker": i, "n_workers": n})
-        proc = context.Process(
-            target=_worker_main, args=(worker_args, os.getpid()), name=f"harness-worker-{i}"
-        )
+        payload = pickle.dumps((_worker_main, (worker_args,)))  # unpickled after die_with_parent
+        proc = context.Process(target=run_child, args=(os.getpid(), payload), name=f"harness-worker-{i}")
         proc.start()
         procs.append(proc)
     interrupted = False

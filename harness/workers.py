@@ -9,7 +9,10 @@ orphaned workers kept 24 GB. So:
   resident size (:data:`CPU_WORKER_GIB`, measured: ~0.7 GiB for the tiny test model, ~2 GiB with
   SmolLM2-135M's student, teacher and base copies);
 - :func:`points_cap` bounds them by the trials left to run (a worker without a trial only costs);
-- :func:`die_with_parent` (called first thing in a worker) asks the kernel to send SIGTERM to the worker
+- :func:`run_child` is a spawned worker's entry: it calls :func:`die_with_parent` before it unpickles
+  (hence imports) the real target, so a parent killed while its workers still import torch (tens of
+  seconds on a loaded machine) leaves none behind either;
+- :func:`die_with_parent` asks the kernel to send SIGTERM to the worker
   when its parent dies (``prctl(PR_SET_PDEATHSIG)``, Linux), and starts a watchdog thread that does the
   same where prctl is unavailable (and kills the worker for good if SIGTERM did not end it in
   :data:`GRACE_S` seconds). SIGTERM, not SIGKILL: the worker marks its running trial interrupted.
@@ -20,12 +23,21 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import pickle
 import signal
 import sys
 import threading
 import time
 
-__all__ = ["CPU_WORKER_GIB", "GRACE_S", "clamp_message", "device_cap", "die_with_parent", "points_cap"]
+__all__ = [
+    "CPU_WORKER_GIB",
+    "GRACE_S",
+    "clamp_message",
+    "device_cap",
+    "die_with_parent",
+    "points_cap",
+    "run_child",
+]
 
 CPU_WORKER_GIB = 2.0
 GRACE_S = 5.0
@@ -92,3 +104,12 @@ def _watchdog(parent_pid: int, interval: float = 0.5) -> None:
     os.kill(os.getpid(), signal.SIGTERM)  # orphaned: re-parented to init or a subreaper
     time.sleep(GRACE_S)
     os._exit(137)
+
+
+def run_child(parent_pid: int, payload: bytes) -> None:
+    """Entry of a spawned worker: die with ``parent_pid`` first, then run ``pickle.loads(payload)``, a
+    ``(function, args)`` pair. The payload is pickled by the parent so that unpickling this process's
+    arguments imports nothing heavier than this module."""
+    die_with_parent(parent_pid)
+    function, args = pickle.loads(payload)
+    function(*args)

@@ -98,7 +98,7 @@ def test_smoke_study_fills_real_stores_and_writes_the_report(tmp_path):
     frame = load_results(spec)
     assert len(frame) == len(keys) and frame["mean.acc"].notna().all()
     assert (frame["train_seconds"] > 0).all() and (frame["generated_tokens"] > 0).all()
-    assert (tmp_path / "reports" / "smoke").is_dir(), out[-2000:]
+    assert (tmp_path / "out" / "report").is_dir(), out[-2000:]
 
 
 def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path):
