@@ -67,11 +67,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         crashed = summary.crashed_workers
         print(f"workers {crashed} crashed; run the same command again to finish", file=sys.stderr)
         return 1
+    failed = summary.states.get("FAIL", 0)
+    if failed and not summary.states.get("COMPLETE") and not summary.states.get("PRUNED"):
+        print(
+            f"error: every trial of study {summary.study} failed ({failed} FAIL); their reasons: "
+            f"harness status {args.spec}",
+            file=sys.stderr,
+        )
+        return 1
     if not args.no_report:
+        from pathlib import Path
+
         from harness.report import report_for_study
 
         files = report_for_study(spec)
-        print(f"report: {files.directory}")
+        print(f"report: {Path(files.directory).resolve()}")
     return 0
 
 
@@ -279,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-csv", help="analyse any factorial results table instead of a study")
     p.add_argument("--components", help="with --from-csv: comma-separated 0/1 component columns")
     p.add_argument("--metrics", help="with --from-csv: comma-separated metric columns")
-    p.add_argument("--out", help="report directory (default reports/<study>/)")
+    p.add_argument("--out", help="report directory (default <output_dir>/report/)")
     p.set_defaults(func=_cmd_report)
     return parser
 

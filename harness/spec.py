@@ -54,6 +54,7 @@ from harness.errors import SpecError
 from unisd_components.config import COMPONENT_NAMES, GKDConfig, TrainingConfig, VariantConfig
 from unisd_components.presets import PRESETS
 from unisd_components.registry import mechanisms
+from unisd_components.strict_numbers import bool_problem, refuse_bool_for_numbers
 
 __all__ = [
     "BASELINES",
@@ -93,6 +94,8 @@ PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # `training.max_steps: true` is not 1: no boolean in an int or float field (see strict_numbers)
+    _no_bool_numbers = field_validator("*", mode="before")(refuse_bool_for_numbers)
 
 
 class _FieldProblem(ValueError):
@@ -207,7 +210,7 @@ def _plain(annotation: Any) -> Any:
     return annotation
 
 
-def _check_against_field(adapter: TypeAdapter, value: Any) -> Any:
+def _check_against_field(adapter: TypeAdapter, value: Any, annotation: Any = None) -> Any:
     """A search space's bounds and choices must themselves be valid values of the field."""
     if isinstance(value, FloatSpace | IntSpace):
         probes = [("low", value.low), ("high", value.high)]
@@ -218,6 +221,9 @@ def _check_against_field(adapter: TypeAdapter, value: Any) -> Any:
     if value.default is not None:
         probes.append(("default", value.default))
     for label, probe in probes:
+        problem = bool_problem(annotation, probe)
+        if problem:
+            raise ValueError(f"search space {label}: {problem}")
         try:
             adapter.validate_python(probe)
         except ValidationError as err:
@@ -234,7 +240,7 @@ def _hyperparameter(field: Any) -> tuple[Any, Any]:
         members.append(Annotated[FloatSpace, Tag(_TAG_FLOAT)])
     elif plain is int:
         members.append(Annotated[IntSpace, Tag(_TAG_INT)])
-    checker = functools.partial(_check_against_field, TypeAdapter(value_type))
+    checker = functools.partial(_check_against_field, TypeAdapter(value_type), annotation=value_type)
     spec_type = Annotated[Union[tuple(members)], Discriminator(_space_tag), AfterValidator(checker)]  # noqa: UP007
     return spec_type, Field(field.default, description=field.description)
 
@@ -244,7 +250,7 @@ def _section_model(config: type[BaseModel], name: str, skip: tuple[str, ...] = (
     doc = (config.__doc__ or "").strip().splitlines()[0] if config.__doc__ else ""
     return create_model(
         name,
-        __config__=ConfigDict(extra="forbid"),
+        __base__=_Strict,
         __doc__=f"{doc} Every field: a value or a search space.",
         **fields,
     )

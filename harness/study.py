@@ -30,6 +30,7 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -43,8 +44,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness import optuna_compat
+from harness.data.check import check_study_data
 from harness.errors import HarnessError
+from harness.history import check_tracking_history
+from harness.output_dir import lock_output_dir, prepare_output_dir
 from harness.progress import LineProgress, RichProgress, StudyProgress
+from harness.storage_errors import describe_storage_error, quiet_store_logs
+from harness.store_init import ensure_mlflow_store, ensure_optuna_store
+from harness.workers import clamp_message, device_cap, points_cap, run_child
 
 if TYPE_CHECKING:
     import optuna
@@ -588,9 +595,11 @@ def _interrupt_once() -> None:
 
 
 def _worker_main(args: _WorkerArgs) -> None:
-    """Entry of a spawned worker process. Exit codes: 0 done, 130 interrupted, 2 user error, 1 crash."""
+    """Entry of a spawned worker process (through ``harness.workers.run_child``, which makes it die with
+    its parent). Exit codes: 0 done, 130 interrupted, 2 user error, 1 crash."""
     from unisd_components.cpu_memory import keep_freed_memory
 
+    quiet_store_logs()
     keep_freed_memory()
     _interrupt_once()
     if args.n_workers > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
@@ -602,6 +611,12 @@ def _worker_main(args: _WorkerArgs) -> None:
         sys.exit(130)
     except HarnessError as err:
         print(f"[worker {args.worker}] error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:  # a full disk, a broken store: one line naming it, not a traceback
+        message = describe_storage_error(err, optuna_url=args.storage_url, tracking_uri=args.tracking.tracking_uri)
+        if message is None:
+            raise
+        print(f"[worker {args.worker}] error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -632,7 +647,8 @@ def _run_workers(
     procs = []
     for i in range(n):
         worker_args = _WorkerArgs(**{**args.__dict__, "worker": i, "n_workers": n})
-        proc = context.Process(target=_worker_main, args=(worker_args,), name=f"harness-worker-{i}")
+        payload = pickle.dumps((_worker_main, (worker_args,)))  # unpickled after die_with_parent
+        proc = context.Process(target=run_child, args=(os.getpid(), payload), name=f"harness-worker-{i}")
         proc.start()
         procs.append(proc)
     interrupted = False
@@ -701,7 +717,6 @@ def run_study(
     """
 
     from harness.plan import describe_plan, format_plan
-    from harness.tracking import finish_study, init_tracking
 
     if workers < 1:
         raise HarnessError(f"--workers must be >= 1 (got {workers})")
@@ -717,16 +732,79 @@ def run_study(
         )
     started_wall = time.time()
     t0 = time.perf_counter()
-    spec.output_path.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(spec.output_path)  # a file in the way, no write access: one line
+    with lock_output_dir(spec.output_path, needed=_local_stores(spec)):  # a second run here: one line
+        try:
+            return _run_locked(spec, workers, gpus_per_trial, trial_fn, progress, started_wall, t0)
+        except Exception as err:  # a full disk, a broken store: one line naming the store and the cause
+            message = describe_storage_error(err, optuna_url=resolve_storage(spec), tracking_uri=spec.tracking_uri)
+            if message is None:
+                raise
+            raise HarnessError(message) from err
+
+
+def _local_stores(spec: StudySpec) -> bool:
+    """Whether a store of this run lives in its output dir (SQLite or a journal file): then two runs race."""
+    storage = spec.storage or ""
+    return not storage.startswith(("postgresql", "mysql")) or spec.tracking_uri.startswith("sqlite")
+
+
+def _points_left(study: optuna.Study, spec: StudySpec) -> int | None:
+    """Trials this run may still start: queued fixed points plus the searched budget (None: unbounded)."""
+    from optuna.trial import TrialState
+
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    if spec.search.sampler == "grid":
+        return waiting
+    if spec.search.n_trials is None:
+        return None
+    used = sum(
+        1
+        for t in study.get_trials(deepcopy=False)
+        if not t.user_attrs.get("fixed") and not str(t.user_attrs.get("fail_reason", "")).startswith(INTERRUPTED)
+    )
+    return waiting + max(0, spec.search.n_trials - used)
+
+
+def _run_locked(
+    spec: StudySpec,
+    workers: int,
+    gpus_per_trial: int,
+    trial_fn: TrialFn | None,
+    progress: StudyProgress | None,
+    started_wall: float,
+    t0: float,
+) -> StudySummary:
+    """The body of :func:`run_study`, run while the output dir is locked."""
+    from harness.tracking import finish_study, init_tracking
+
+    quiet_store_logs()  # a store error is reported once, in one line (see run_study)
+    notes = []
+    requested = workers
+    most, why = device_cap(spec.model.device, gpus_per_trial)
+    if workers > most:
+        workers = most
+        notes.append(clamp_message(requested, workers, why))
+    if trial_fn is None:
+        check_study_data(spec)  # a corrupt or missing benchmark file stops the study before any training
     warm = _start_warm_up(spec) if workers == 1 and trial_fn is None else None
     url = resolve_storage(spec, workers)
+    ensure_optuna_store(url)  # SQLite schemas built whole or not at all (a full disk must not leave half)
     study = load_study(spec, url, create=True)
+    check_tracking_history(spec, study, url)  # mlflow.db deleted, optuna.db kept: one line, before a new store
+    ensure_mlflow_store(spec.tracking_uri)
     tracking = init_tracking(spec, parent_run_id=study.user_attrs.get("mlflow_parent_run_id"))
     study.set_user_attr("mlflow_parent_run_id", tracking.parent_run_id)
     points = _fixed_points(spec)
     repaired = reconcile(study, spec, points, tracking.tracking_uri)
     total = len(points) + (spec.search.n_trials or 0)
     progress = progress or _default_progress()
+    left = _points_left(study, spec)
+    if workers > points_cap(left):
+        workers = points_cap(left)
+        notes = [clamp_message(requested, workers, f"{left} trial(s) left to run")]
+    for note in notes:
+        progress.message(note)
     if repaired["interrupted"] or repaired["dropped"]:
         progress.message(
             f"resumed: {repaired['interrupted']} interrupted trial(s) marked FAIL, "

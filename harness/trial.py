@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness.data.training import load_train_examples
 from harness.progress import StudyProgress
+from unisd_components.cache import read_json
 
 if TYPE_CHECKING:
     from harness.spec import StudySpec
@@ -124,8 +125,8 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 def _evaluate_base(spec: StudySpec, ctx: TrialContext) -> tuple[dict[str, float], float]:
     """The base model's scores, computed once per study and evaluation settings, then reused."""
     cache = ctx.cache_dir / "base_eval" / f"{_base_eval_key(spec)}.json"
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
+    cached = read_json(cache, check=lambda v: isinstance(v, dict) and isinstance(v.get("metrics"), dict))
+    if cached is not None:  # an unreadable entry is discarded with a warning and evaluated again
         ctx.progress.trial_phase(f"base evaluation reused from trial {cached['trial']}")
         if ctx.run is not None:
             ctx.run.set_tags({"base_eval_reused_from": cached["trial"]})

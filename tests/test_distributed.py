@@ -60,6 +60,13 @@ def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _sgd(params, training):
+    """Plain SGD for the equivalence tests: each update is lr x the averaged gradient, so the float noise
+    of a different reduction order stays noise-sized. AdamW divides by sqrt(v) + eps: a near-zero
+    gradient's noise (1e-9) becomes a step of ~lr/100, and the result depends on the CPU's rounding."""
+    return torch.optim.SGD(params, lr=training.learning_rate)
+
+
 def _worker(rank: int, init_file: str, out: str, job: str) -> None:
     import torch.distributed as dist
 
@@ -72,6 +79,7 @@ def _worker(rank: int, init_file: str, out: str, job: str) -> None:
         if job in DETERMINISTIC:
             model, tok = _tiny()
             variant = DETERMINISTIC[job]
+            trainer_module._adamw = _sgd  # the single process of the test trains with SGD too
         else:
             model, tok = _tiny(lora_seed=rank)
             variant = ALL_FIVE
@@ -135,18 +143,21 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
 
 
 @pytest.mark.parametrize("job", sorted(DETERMINISTIC))
-def test_two_processes_at_batch_2_train_like_one_at_batch_4(job, tmp_path):
+def test_two_processes_at_batch_2_train_like_one_at_batch_4(job, tmp_path, monkeypatch):
+    from unisd_components import trainer as trainer_module
     from unisd_components.trainer import train_variant
 
+    monkeypatch.setattr(trainer_module, "_adamw", _sgd)  # so are the two processes (see _sgd)
     model, tok = _tiny()
     single = train_variant(
         model, tok, _examples(), DETERMINISTIC[job], TrainingConfig(batch_size=4, **TRAINING)
     )
     ranks = _run_world(tmp_path, job)
     _assert_same(ranks[0]["after"], ranks[1]["after"])
-    # Adam turns float noise in near-zero gradients into differences of up to ~2e-5 at this learning rate
-    # (1e-2); a wrong shard or a missing average moves weights by ~1e-2.
-    _assert_same(ranks[0]["after"], _state(model), atol=1e-4)
+    # Under SGD the averaged gradients of the two processes against the single process's gradients, one
+    # lr-sized step at a time: rounding noise moves weights by ~1e-8; a wrong shard or a sum instead of
+    # the mean moves them by ~lr x gradient, 1e-4 and more.
+    _assert_same(ranks[0]["after"], _state(model), atol=1e-6)
     assert any(not torch.equal(ranks[0]["before"][k], ranks[0]["after"][k]) for k in ranks[0]["before"])
     # The logged loss is the mean over the processes: the single process's loss over the same 4 examples;
     # the gradient norm shows the gradients are averaged, not summed (Adam alone would not tell).
@@ -154,6 +165,36 @@ def test_two_processes_at_batch_2_train_like_one_at_batch_4(job, tmp_path):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
         assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)
     assert ranks[0]["processes"] == WORLD and single.processes == 1
+
+
+def test_gradient_rounding_noise_moves_adam_by_a_step_and_sgd_by_noise(monkeypatch):
+    """Why the equivalence test trains with SGD (issue 15, finding 12): a gradient noise of 1e-9, the
+    size of a different summation order's rounding, moves AdamW's weights by more than 1e-4 within
+    three steps at lr 1e-2 (so the old comparison at atol 1e-4 failed on another CPU), SGD's by ~1e-8."""
+    from unisd_components import trainer as trainer_module
+    from unisd_components.trainer import train_variant
+
+    adamw = trainer_module._adamw
+
+    def noisy(params):  # stands in for the all-reduce, which a single process skips
+        gen = torch.Generator().manual_seed(0)
+        for p in params:
+            if p.grad is not None:
+                p.grad.add_(1e-9 * torch.randn(p.grad.shape, generator=gen))
+
+    def weights(optimizer, noise: bool):
+        monkeypatch.setattr(trainer_module, "_adamw", optimizer)
+        monkeypatch.setattr(distributed, "all_reduce_gradients_", noisy if noise else (lambda params: None))
+        model, tok = _tiny()
+        train_variant(model, tok, _examples(), DETERMINISTIC["sft"], TrainingConfig(batch_size=4, **TRAINING))
+        return _state(model)
+
+    def gap(optimizer) -> float:
+        clean, noisy_ = weights(optimizer, False), weights(optimizer, True)
+        return max((clean[k] - noisy_[k]).abs().max().item() for k in clean)
+
+    assert gap(adamw) > 1e-4
+    assert gap(_sgd) < 1e-6
 
 
 def test_all_five_components_stay_in_sync_under_lora(tmp_path):

@@ -99,9 +99,9 @@ def test_smoke_study_fills_real_stores_and_writes_the_report(tmp_path):
     frame = load_results(spec)
     assert len(frame) == len(keys) and frame["mean.acc"].notna().all()
     assert (frame["train_seconds"] > 0).all() and (frame["generated_tokens"] > 0).all()
-    assert (tmp_path / "reports" / "smoke").is_dir(), out[-2000:]
+    assert (tmp_path / "out" / "report").is_dir(), out[-2000:]
     # the report pairs the trials' samples.jsonl: every variant against SDFT, and the MDE per benchmark
-    report = (tmp_path / "reports" / "smoke" / "report.md").read_text()
+    report = (tmp_path / "out" / "report" / "report.md").read_text()
     assert "## Paired comparisons" in report and "*Against sdft*" in report
     assert "Minimum detectable effect" in report and "scienceqa.acc 0." in report
 

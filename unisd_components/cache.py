@@ -6,6 +6,10 @@ file instead of reusing stale entries; the namespace is also written into the fi
 are atomic (temp file + ``os.replace``) and merge with what is on disk, so two workers filling the same
 cache lose at most duplicated work, never a corrupt file.
 
+A cache entry that cannot be read (a truncated file after a full disk, a hand edit) is discarded with a
+one-line warning naming the file and rebuilt, never an error that fails every later run:
+:func:`read_json` and :func:`write_json_atomic` are the reader and writer for any JSON cache file.
+
 Example::
 
     cache = JsonCache(cache_dir, "negatives", {"model": model_id, "version": NEGATIVE_VERSION})
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -25,7 +30,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["JsonCache", "cached_array", "dataset_fingerprint", "example_fingerprint", "namespace_hash"]
+__all__ = [
+    "JsonCache",
+    "cached_array",
+    "dataset_fingerprint",
+    "example_fingerprint",
+    "namespace_hash",
+    "read_json",
+    "write_json_atomic",
+]
+
+_log = logging.getLogger(__name__)
 
 
 def namespace_hash(namespace: Mapping[str, Any]) -> str:
@@ -64,6 +79,40 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
         raise
 
 
+def discard(path: Path, why: str) -> None:
+    """Drop an unreadable cache file, saying so in one line; the caller rebuilds the entry."""
+    _log.warning("cache file %s is unreadable (%s): discarded, it will be rebuilt", path, why)
+    try:
+        Path(path).unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as err:  # cannot delete it: the next write replaces it atomically anyway
+        _log.warning("cache file %s could not be removed: %s", path, err.strerror)
+
+
+def read_json(path: str | Path, check: Callable[[Any], bool] | None = None) -> Any | None:
+    """The JSON value in ``path``; None when there is no file, or when it is unreadable or fails
+    ``check`` (then the file is discarded with a one-line warning)."""
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8") as handle:
+            value = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        discard(path, f"{type(err).__name__}: {err}")
+        return None
+    if check is not None and not check(value):
+        discard(path, "unexpected content")
+        return None
+    return value
+
+
+def write_json_atomic(path: str | Path, value: Any, **dump_kwargs: Any) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never half of it."""
+    _atomic_write(Path(path), lambda h: json.dump(value, h, **dump_kwargs), "w")
+
+
 class JsonCache:
     """A ``str -> JSON value`` store in ``<directory>/<kind>-<hash(namespace)>.json``."""
 
@@ -73,10 +122,8 @@ class JsonCache:
         self._entries: dict[str, Any] = self._read()
 
     def _read(self) -> dict[str, Any]:
-        if not self.path.exists():
-            return {}
-        with self.path.open(encoding="utf-8") as handle:
-            return dict(json.load(handle).get("entries", {}))
+        data = read_json(self.path, check=lambda v: isinstance(v, dict) and isinstance(v.get("entries", {}), dict))
+        return dict(data.get("entries", {})) if data is not None else {}
 
     def get(self, key: str) -> Any | None:
         return self._entries.get(key)
@@ -105,7 +152,10 @@ def cached_array(
     stem = f"{kind}-{namespace_hash(full)}"
     path = Path(directory) / f"{stem}.npy"
     if path.exists():
-        return np.load(path), True
+        try:
+            return np.load(path), True
+        except (OSError, ValueError, EOFError) as err:  # truncated or not an array: rebuild it
+            discard(path, f"{type(err).__name__}: {err}")
     array = np.asarray(compute())
     _atomic_write(path, lambda h: np.save(h, array), "wb")
     meta = Path(directory) / f"{stem}.json"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from unisd_components.mechanisms.agreement import AgreementConfig
 from unisd_components.mechanisms.clipping import ClippingConfig
@@ -24,6 +24,7 @@ from unisd_components.mechanisms.contrastive import ContrastiveConfig
 from unisd_components.mechanisms.ema import EMAConfig
 from unisd_components.mechanisms.feature_matching import FeatureMatchingConfig
 from unisd_components.registry import mechanisms
+from unisd_components.strict_numbers import refuse_bool_for_numbers
 
 __all__ = [
     "AgreementConfig",
@@ -40,6 +41,8 @@ __all__ = [
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # `max_steps=True` is not one step: no boolean in an int or float field (see strict_numbers)
+    _no_bool_numbers = field_validator("*", mode="before")(refuse_bool_for_numbers)
 
 
 class GKDConfig(_Strict):

@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from unisd_components.component import Component, ExtraContexts, SetupContext, StepScores
+from unisd_components.strict_numbers import refuse_bool_for_numbers
 
 if TYPE_CHECKING:
     from unisd_components.config import VariantConfig
@@ -73,6 +74,8 @@ class MechanismConfig(BaseModel):
     """Base of a mechanism's hyperparameters: frozen, unknown keys refused. Defaults: unisd-method.md."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # `k: true` is not 1 context: no boolean in an int or float field (see strict_numbers)
+    _no_bool_numbers = field_validator("*", mode="before")(refuse_bool_for_numbers)
 
 
 @dataclass(frozen=True)

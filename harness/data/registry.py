@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import csv
 import importlib
 import os
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from pathlib import Path
 from types import MappingProxyType, ModuleType
 
 from harness.data import cos_e, gpqa, humaneval, mbpp, scienceqa, toolalpaca
+from harness.data.errors import DataFormatError
 from harness.data.records import KINDS, PRIMARY_METRIC, Example
 from harness.data.sources import resolve_data_dir, stable_hash
 from harness.errors import HarnessError
@@ -203,7 +205,14 @@ def load_benchmark(
         raise HarnessError(f"limit must be >= 0 or None (got {limit})")
     root = resolve_data_dir(data_dir)
     if root is not None:
-        examples = bench.module.load_local(root / name, split)
+        try:
+            examples = bench.module.load_local(root / name, split)
+        except HarnessError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, csv.Error) as err:
+            # the file parsed, but its records are not the benchmark's (a field missing, a wrong type)
+            what = f"{type(err).__name__}: {err}"
+            raise DataFormatError(f"{root / name}: {name} data is malformed ({what[:200]})") from None
     else:
         examples = bench.module.load_hub(split)
     return subsample(examples, limit, seed)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from harness.data.errors import DataNotFoundError
+from harness.data.errors import DataFormatError, DataNotFoundError
 
 __all__ = [
     "ENV_VAR",
@@ -73,14 +73,34 @@ def hub_load(benchmark: str, hub_id: str, config: str | None, split: str) -> Any
 
 
 def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON file; a corrupt one is a DataFormatError naming the file and the line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise DataFormatError(f"{path}: cannot be read as JSON ({err})") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """A JSON-lines file (gzip when it ends in .gz); a corrupt line is a DataFormatError naming it."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataFormatError(
+                        f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno})"
+                    ) from None
+    except (OSError, EOFError, UnicodeDecodeError) as err:  # a truncated .gz, bytes that are not UTF-8
+        raise DataFormatError(f"{path}: cannot be read ({err})") from None
+    return rows
 
 
 def stable_hash(text: str) -> int:

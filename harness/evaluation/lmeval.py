@@ -29,6 +29,7 @@ from typing import Any
 
 from harness.data.registry import SCORINGS
 from harness.errors import HarnessError
+from harness.evaluation.quiet_git import silence_lm_eval_git
 from harness.jsonable import jsonable
 from harness.metric_names import normalise_metric_name
 
@@ -259,6 +260,7 @@ def evaluate_model(
         },
     )
     chat = bool(getattr(tokenizer, "chat_template", None))
+    silence_lm_eval_git()  # no "fatal: not a git repository" outside a checkout
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=list(tasks),

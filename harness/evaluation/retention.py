@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
+from unisd_components.cache import read_json, write_json_atomic
 from unisd_components.chat import encode_prompt, render_prompt
 
 __all__ = ["greedy_completions", "ppl_fit", "render_prompt", "retention", "score_completions"]
@@ -285,8 +285,8 @@ def _cached_base_completions(
     for i, ex in enumerate(examples):
         version = ex.metadata.get("prompt_version", 0)
         path = cache_dir / f"base-completions-{fingerprint}-{ex.benchmark}-v{version}-n{max_new_tokens}.json"
-        if path not in by_file:
-            by_file[path] = json.loads(path.read_text()) if path.is_file() else {}
+        if path not in by_file:  # an unreadable file is discarded with a warning and generated again
+            by_file[path] = read_json(path, check=lambda v: isinstance(v, dict)) or {}
         if ex.id in by_file[path]:
             result[i] = by_file[path][ex.id]
     missing = [i for i, r in enumerate(result) if r is None]
@@ -312,10 +312,8 @@ def _cached_base_completions(
             )
             by_file[path][ex.id] = tokens
             touched.add(path)
-        for path in touched:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(by_file[path]))
-            tmp.replace(path)  # atomic: a concurrent reader sees the old or the new file, never half
+        for path in touched:  # atomic: a concurrent reader sees the old or the new file, never half
+            write_json_atomic(path, by_file[path])
     return [r if r is not None else [] for r in result]
 
 

@@ -16,14 +16,30 @@ program always prints the same thing). Before the program's first statement a pr
    ``reliability_guard``: kill, fork, exec*, spawn*, system, remove, rename, chmod, chown, setuid, rmtree,
    ``subprocess.Popen``...) and refuses to open for writing any path outside the working directory.
 
+The guard also refuses every socket (``socket.socket``, ``_socket.socket``, ``socketpair``, ``fromfd``).
+
 The guard is a safety net against accidents, not a security boundary: ``ctypes``, ``posix`` or
 ``_io`` reach the real functions. The real protection is the separate uid, the resource limits, the
-process-group kill on timeout and ALWAYS at the end, and (as root) a final sweep that kills every
-process left under the run's uid, so a grandchild that left the process group with ``setsid`` does not
-survive either, and deletes what that uid left in /tmp, /var/tmp and /dev/shm. Without root (no uid
-switch) the limits and the group kill still hold, but a deliberately hostile program can touch whatever
-the harness's own user can: run the harness as root in a container when the code comes from an
-untrusted model. Without root the process limit also counts every process and thread of the user, so a
+process-group kill on timeout and ALWAYS at the end, a network namespace of its own, and (as root) a
+final sweep that kills every process left under the run's uid, so a grandchild that left the process
+group with ``setsid`` does not survive either, and deletes what that uid left in every world-writable
+directory it could reach (/tmp, /var/tmp, /dev/shm, /run/lock alias /var/lock, /dev/mqueue, any other
+world-writable folder two levels below /, /var, /run, /dev ..., and world-writable folders inside those).
+
+Which protection applies where:
+
+| protection | as root | not root |
+|---|---|---|
+| limits (CPU, memory, file size, files, processes), own process group killed at the end | yes | yes |
+| guard (destructive functions, writes outside the working directory, sockets) | yes | yes |
+| fresh uid: no signals to other processes, writes only in its directory and world-writable ones | yes | no |
+| kill of every process of that uid, sweep of the world-writable directories | yes | no |
+| own network namespace (``unshare --net``: a loopback that is down, no route out, nothing reachable) | where ``unshare`` works: root, or a user namespace with CAP_SYS_ADMIN (probed once; :func:`network_isolated`) | same |
+
+Without root (no uid switch) the limits and the group kill still hold, but a deliberately hostile
+program can touch whatever the harness's own user can: run the harness as root in a container when the
+code comes from an untrusted model. Without a network namespace a program that bypasses the guard can
+open sockets. System V IPC objects (``shmget``, ``semget``) are not swept. Without root the process limit also counts every process and thread of the user, so a
 program cannot start any thread once the user runs 32 (the safe side: benchmark solutions need none).
 
 A program passes only if it runs to its last statement and exits 0. Leaving early with ``sys.exit``,
@@ -61,7 +77,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["SandboxResult", "run_program", "run_programs"]
+__all__ = ["SandboxResult", "network_isolated", "run_program", "run_programs"]
 
 Status = Literal["passed", "failed", "timeout", "error"]
 
@@ -210,6 +226,24 @@ for _name in ("rmtree", "move", "chown"):
     setattr(shutil, _name, _deny("shutil." + _name))
 subprocess.Popen = _deny("subprocess.Popen")
 _posixsubprocess.fork_exec = _deny("_posixsubprocess.fork_exec")  # multiprocessing's spawn path
+import _socket, socket  # noqa: E401  (no network for a benchmark solution: refuse every socket)
+
+
+class _NoSocket(_socket.socket):  # subclasses, not functions: `class SSLSocket(socket)` must still import
+    def __init__(self, *args, **kwargs):
+        raise SandboxViolation("sockets are disabled in the sandbox")
+
+
+class _NoPySocket(socket.socket):
+    def __init__(self, *args, **kwargs):
+        raise SandboxViolation("sockets are disabled in the sandbox")
+
+
+_socket.socket, socket.socket = _NoSocket, _NoPySocket
+for _mod in (socket, _socket):
+    for _name in ("socketpair", "fromfd", "dup", "create_connection", "create_server", "getaddrinfo"):
+        if hasattr(_mod, _name):
+            setattr(_mod, _name, _deny(_mod.__name__ + "." + _name))
 
 _module = types.ModuleType("__sandbox__")
 _module.__file__ = _cfg["program"]
@@ -304,7 +338,7 @@ def run_program(
         }
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(
-                [sys.executable, *_PYTHON_FLAGS, "-c", _PRELUDE, json.dumps(config)],
+                [*_no_network_prefix(), sys.executable, *_PYTHON_FLAGS, "-c", _PRELUDE, json.dumps(config)],
                 cwd=workdir,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -415,23 +449,104 @@ def _kill_everything(proc: subprocess.Popen, uid: int | None) -> None:
         time.sleep(0.01)
 
 
+# World-writable places a program under a fresh uid can write to, past the guard. /var/lock is a symlink
+# to /run/lock in the FHS; realpath() folds such aliases. More are found by _world_writable_dirs().
+_KNOWN_SHARED = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/dev/mqueue", "/run/shm", "/var/crash")
+_SCAN_ROOTS = ("/", "/var", "/run", "/dev", "/opt", "/srv", "/home", "/usr/local", "/mnt", "/media")
+_SWEEP_DEPTH = 4  # nested world-writable folders (e.g. /tmp/shared/ with mode 777) are swept this deep
+
+
+@functools.lru_cache(maxsize=1)
+def _world_writable_dirs() -> tuple[str, ...]:
+    """Every world-writable directory among the known ones and two levels below the usual roots.
+
+    Computed once per process: a few hundred ``stat`` calls. Deeper ones under a world-writable folder
+    are reached by the recursive sweep; a world-writable folder deep inside a read-only tree is not (the
+    guard refuses writing there, the network namespace and the limits still hold).
+    """
+    found: set[str] = set()
+
+    def consider(path: str) -> None:
+        try:
+            real = os.path.realpath(path)
+            if os.path.isdir(real) and os.stat(real).st_mode & 0o002:
+                found.add(real)
+        except OSError:
+            pass
+
+    for path in (*_KNOWN_SHARED, tempfile.gettempdir()):
+        consider(path)
+    for root in _SCAN_ROOTS:
+        for level1 in _subdirs(root):
+            consider(level1)
+            if not level1.startswith(("/proc", "/sys")):
+                for level2 in _subdirs(level1):
+                    consider(level2)
+    return tuple(sorted(found))
+
+
+def _subdirs(path: str) -> list[str]:
+    if path.rstrip("/") in ("/proc", "/sys"):
+        return []
+    try:
+        return [e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
 def _remove_files_of(uid: int) -> None:
     """Delete what the run's uid left in the world-writable directories (only reachable past the guard)."""
-    for shared in {"/tmp", "/var/tmp", "/dev/shm", tempfile.gettempdir()}:
+    for shared in _world_writable_dirs():
+        _sweep(shared, uid, _SWEEP_DEPTH)
+
+
+def _sweep(directory: str, uid: int, depth: int) -> None:
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
         try:
-            entries = list(os.scandir(shared))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                if entry.stat(follow_symlinks=False).st_uid != uid:
-                    continue
+            st = entry.stat(follow_symlinks=False)
+            if st.st_uid == uid:
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path, ignore_errors=True)
                 else:
                     os.unlink(entry.path)
-            except OSError:
-                pass
+            elif depth > 0 and entry.is_dir(follow_symlinks=False) and st.st_mode & 0o002:
+                _sweep(entry.path, uid, depth - 1)  # someone's world-writable folder: the uid may write inside
+        except OSError:
+            pass
+
+
+@functools.lru_cache(maxsize=1)
+def _no_network_prefix() -> tuple[str, ...]:
+    """``("unshare", "--net", "--")`` where this process may create a network namespace, else ``()``.
+
+    In a fresh network namespace the only interface is a loopback that is down: no connection leaves
+    the program, and nothing it listens on can be reached. Needs CAP_SYS_ADMIN (root, or a user namespace
+    that grants it) and util-linux's ``unshare``; probed once per process. Without it, sockets are
+    refused by the guard only (which ``_socket`` via ``ctypes`` can bypass).
+    """
+    tool = shutil.which("unshare")
+    if tool is None:
+        return ()
+    try:
+        probe = subprocess.run(
+            [tool, "--net", "--", sys.executable, "-S", "-c", "pass"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return (tool, "--net", "--") if probe.returncode == 0 else ()
+
+
+def network_isolated() -> bool:
+    """Whether programs run in their own network namespace on this machine (see the module docstring)."""
+    return bool(_no_network_prefix())
 
 
 def _live_pids_of(uid: int) -> list[int]:

@@ -10,7 +10,14 @@ import pandas as pd
 from harness.errors import HarnessError
 from harness.report.build import ReportFiles, build_report
 
-__all__ = ["question_records", "read_results_csv", "report_for_study", "report_from_csv", "split_names"]
+__all__ = [
+    "default_report_dir",
+    "question_records",
+    "read_results_csv",
+    "report_for_study",
+    "report_from_csv",
+    "split_names",
+]
 
 
 def split_names(text: str | None, what: str) -> list[str]:
@@ -127,10 +134,16 @@ def question_records(
     return pd.concat([dedup, records[~base]], ignore_index=True)
 
 
+def default_report_dir(spec) -> Path:
+    """Where a study's report goes unless told otherwise: ``<output_dir>/report``."""
+    return spec.output_path / "report"
+
+
 def report_for_study(spec, *, out_dir: str | Path | None = None, log_artifacts: bool = True) -> ReportFiles:
     """The report of a study spec: results from ``harness.tracking.load_results``, the Optuna study for
-    search studies, files under ``out_dir`` (default ``reports/<study name>``), then logged as artifacts
-    on the study's MLflow parent run. The runner calls this at the end of ``harness run``."""
+    search studies, files under ``out_dir`` (default ``<output_dir>/report``: with the run's stores, so a
+    second study of the same name, or the same study run elsewhere, never overwrites it), then logged as
+    artifacts on the study's MLflow parent run. The runner calls this at the end of ``harness run``."""
     from harness import tracking
     from unisd_components.config import COMPONENT_NAMES
 
@@ -164,7 +177,7 @@ def report_for_study(spec, *, out_dir: str | Path | None = None, log_artifacts: 
         df,
         components=components,
         metrics=metrics,
-        out_dir=Path(out_dir) if out_dir is not None else Path("reports") / spec.name,
+        out_dir=Path(out_dir) if out_dir is not None else default_report_dir(spec),
         title=f"UniSD study {spec.name}: which components drive the gains",
         study_kind=kind,
         optuna_study=study,
