@@ -58,8 +58,9 @@ TrialFn = Callable[[Any, "StudySpec", "TrialContext"], Mapping[str, float]]
 JOURNAL_SCHEME = "journal:///"
 INTERRUPTED = "interrupted"
 INTERRUPTED_BY_USER = "interrupted by user"
-HEARTBEAT_S = 60.0
-HEARTBEAT_STALE_S = 600.0  # ten missed beats: the owner on another host is gone
+# Seconds between a trial's heartbeats on a shared RDB storage; UNISD_HEARTBEAT_S shortens it (tests).
+HEARTBEAT_S = float(os.environ.get("UNISD_HEARTBEAT_S") or 60.0)
+HEARTBEAT_STALE_S = 10 * HEARTBEAT_S  # ten missed beats: the owner on another host is gone
 _ORPHAN_GRACE = timedelta(minutes=2)  # a RUNNING trial without an owner record: claimed, then killed at once
 
 
@@ -226,13 +227,19 @@ def _process_start(pid: int) -> float | None:
         return None
 
 
+def _host() -> str:
+    """This machine in trial ownership records: ``UNISD_HOST`` when set (machines or containers that share
+    a host name must set distinct ones), else the host name."""
+    return os.environ.get("UNISD_HOST") or socket.gethostname()
+
+
 def _owner_record() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
+    return {"host": _host(), "pid": os.getpid(), "started": _process_start(os.getpid())}
 
 
 def _owner_alive(owner: Mapping[str, Any]) -> bool | None:
     """True/False for a process on this host; None when the owner runs elsewhere (cannot tell)."""
-    if owner.get("host") != socket.gethostname():
+    if owner.get("host") != _host():
         return None
     started = _process_start(int(owner["pid"]))
     # A pid is reused after its process dies: the start time tells the original from an impostor.
@@ -249,6 +256,16 @@ def _is_stale(trial: optuna.trial.FrozenTrial) -> bool:
         beat = trial.user_attrs.get("heartbeat")
         return beat is not None and time.time() - float(beat) > HEARTBEAT_STALE_S
     return not alive
+
+
+def _stale_reason(trial: optuna.trial.FrozenTrial) -> str:
+    """A stale trial's fail reason: "interrupted", plus the silent host when the heartbeat told (another
+    machine), so whoever reads the study knows which machine to look at."""
+    owner = trial.user_attrs.get("owner") or {}
+    beat = trial.user_attrs.get("heartbeat")
+    if owner.get("host") not in (None, _host()) and beat is not None:
+        return f"{INTERRUPTED}: no heartbeat from {owner['host']} for {time.time() - float(beat):.0f}s"
+    return INTERRUPTED
 
 
 class _Heartbeat:
@@ -304,7 +321,7 @@ def reconcile(
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not _is_stale(trial):
             continue
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", INTERRUPTED)
+        storage.set_trial_user_attr(trial._trial_id, "fail_reason", _stale_reason(trial))
         storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
         repaired["interrupted"] += 1
     for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
@@ -417,6 +434,7 @@ def _run_one(
     import optuna
     from optuna.trial import TrialState
 
+    from harness.library_output import trial_output
     from harness.plan import point_key, point_summary
     from harness.tracking import TrialRun
     from harness.trial import TrialContext, run_trial
@@ -463,7 +481,8 @@ def _run_one(
         progress.trial_end(number, variant, "FAIL", time.perf_counter() - started, reason)
 
     try:
-        metrics = dict(trial_fn(point, spec, ctx))
+        with trial_output(trial_dir / "trial.log", progress):  # library warnings there, lm-eval bars folded
+            metrics = dict(trial_fn(point, spec, ctx))
         values = _objective_values(spec, metrics)
     except optuna.TrialPruned as pruned:
         storage.set_trial_user_attr(trial._trial_id, "seconds", time.perf_counter() - started)
@@ -598,6 +617,9 @@ def _worker_main(args: _WorkerArgs) -> None:
 
     keep_freed_memory()
     _interrupt_once()
+    from harness.library_output import quiet_libraries
+
+    quiet_libraries(args.spec.output_path / "harness.log")
     if args.n_workers > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
         _pin_gpus(args.worker, args.gpus_per_trial)
     progress = LineProgress(prefix=f"[worker {args.worker}] ")
@@ -761,6 +783,9 @@ def run_study(
         t
         for t in trials
         if t.datetime_complete is not None and t.datetime_complete.timestamp() >= started_wall
+        # on a shared storage, other machines finish trials meanwhile: they are not this run's work
+        and (t.user_attrs.get("owner") or {}).get("host", _host()) == _host()
+        and (workers > 1 or (t.user_attrs.get("owner") or {}).get("pid", os.getpid()) == os.getpid())
     ]
     states: dict[str, int] = {}
     for t in trials:
