@@ -26,6 +26,7 @@ host cannot be checked for liveness from here; it is reconciled by a run on its 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing
@@ -36,7 +37,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -345,6 +346,31 @@ def reconcile(
         reasons = {t.number: t.user_attrs.get("fail_reason") for t in study.get_trials(deepcopy=False)}
         mltrack.close_dangling_runs(tracking_uri, spec, states, reasons)
     return repaired
+
+
+@contextlib.contextmanager
+def _reconcile_lock(study: optuna.Study, url: str) -> Iterator[None]:
+    """On PostgreSQL, one process reconciles a study at a time (an advisory lock named after the study).
+
+    Two machines started together would otherwise both find every point missing and enqueue it twice;
+    each point still ran once (the copies failed as duplicates), but the study was littered with FAILs.
+    """
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import hashlib
+
+    from sqlalchemy import text
+
+    backend = getattr(study._storage, "_backend", study._storage)  # optuna wraps RDBStorage in a cache
+    digest = hashlib.sha256(f"unisd-harness:{study.study_name}".encode()).digest()
+    key = int.from_bytes(digest[:8], "big", signed=True)
+    with backend.engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
 
 
 def _point_attrs(point: Any) -> dict[str, Any]:
@@ -751,7 +777,8 @@ def run_study(
     tracking = init_tracking(spec, parent_run_id=study.user_attrs.get("mlflow_parent_run_id"))
     study.set_user_attr("mlflow_parent_run_id", tracking.parent_run_id)
     points = _fixed_points(spec)
-    repaired = reconcile(study, spec, points, tracking.tracking_uri)
+    with _reconcile_lock(study, url):
+        repaired = reconcile(study, spec, points, tracking.tracking_uri)
     total = len(points) + (spec.search.n_trials or 0)
     progress = progress or _default_progress()
     if repaired["interrupted"] or repaired["dropped"]:

@@ -172,6 +172,8 @@ def test_two_machines_share_postgres_and_a_server_and_a_killed_one_is_rerun(
     killed = trials[victim]
     assert killed.state == TrialState.FAIL
     assert killed.user_attrs["fail_reason"].startswith("interrupted: no heartbeat from machine-a for ")
+    failed = [t.number for t in trials.values() if t.state == TrialState.FAIL]
+    assert failed == [victim], "no other FAIL: machines started together enqueue each point once"
     rerun = [t for t in trials.values() if t.user_attrs.get("point_key") == killed.user_attrs["point_key"]]
     assert [t.state for t in rerun if t.number != victim] == [TrialState.COMPLETE]
     assert {t.user_attrs["owner"]["host"] for t in rerun if t.number != victim} == {"machine-c"}
