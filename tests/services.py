@@ -36,11 +36,14 @@ __all__ = [
     "CHROMIUM_ARGS",
     "MlflowServer",
     "PostgresCluster",
+    "SmokeRun",
     "chromium_path",
     "free_port",
     "mlflow_server",
     "pg_bin_dir",
     "postgres",
+    "run_smoke_study",
+    "smoke_run",
     "stop_group",
 ]
 
@@ -74,10 +77,8 @@ def stop_group(process: subprocess.Popen, grace: float = 15.0) -> None:
     if alive():
         os.killpg(process.pid, signal.SIGTERM)
     deadline = time.time() + grace
-    while alive() and time.time() < deadline:
-        if process.poll() is not None:
-            # the leader is gone; children may linger a moment
-            pass
+    while alive() and time.time() < deadline:  # the leader may be gone while its children linger
+        process.poll()
         time.sleep(0.2)
     if alive():
         os.killpg(process.pid, signal.SIGKILL)
