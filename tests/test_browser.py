@@ -224,8 +224,9 @@ def test_harness_ui_opens_the_runs_table_of_the_study_and_sigterm_stops_it(brows
             page.wait_for_selector(f"text={run.info.run_name}")
         page.screenshot(path=str(tmp_path / "mlflow_runs.png"))
         child = trials[0]
-        page.goto(
+        page.goto(  # the trial's own page, in the model-training view (as the runs table's link keeps it)
             f"http://127.0.0.1:{port}/#/experiments/{parent.info.experiment_id}/runs/{child.info.run_id}"
+            "?workflowType=machine_learning"
         )
         page.wait_for_selector("text=mean.acc")
         page.screenshot(path=str(tmp_path / "mlflow_trial_run.png"), full_page=True)
