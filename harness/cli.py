@@ -48,6 +48,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     keep_freed_memory()  # before the first model is loaded (see the module: ~6% per training step on CPU)
 
     spec = load_spec(args.spec).with_overrides(output_dir=args.output_dir, storage=args.storage)
+    if not args.dry_run:
+        from harness.library_output import quiet_libraries
+
+        quiet_libraries(spec.output_path / "harness.log")  # library bars and warnings off the console
     summary = run_study(spec, workers=args.workers, gpus_per_trial=args.gpus_per_trial, dry_run=args.dry_run)
     if summary.dry_run:
         print(summary.plan)
@@ -62,7 +66,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(
             f"training + evaluation {work:.1f}s; harness overhead {summary.overhead_share:.1%} of the wall time"
         )
-    print(f"storage {summary.storage}; tracking {spec.tracking_uri} (harness ui {args.spec})")
+    ui = f"harness ui {args.spec}" + (f" --output-dir {args.output_dir}" if args.output_dir else "")
+    if spec.tracking_uri.startswith(("http://", "https://")):
+        ui = "a tracking server: open it in a browser"
+    print(f"storage {summary.storage}; tracking {spec.tracking_uri} ({ui})")
     if summary.crashed_workers:
         crashed = summary.crashed_workers
         print(f"workers {crashed} crashed; run the same command again to finish", file=sys.stderr)
@@ -114,17 +121,31 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
+    import signal
+
     from harness.spec import load_spec
-    from harness.tracking import start_ui, stop_ui
+    from harness.tracking import start_ui, stop_ui, study_ui_url
+
+    def stop_on(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
 
     spec = load_spec(args.spec).with_overrides(output_dir=args.output_dir)
-    process, url = start_ui(spec, args.port)
-    print(f"MLflow UI for study {spec.name}: {url}  (Ctrl-C stops it)", flush=True)
+    # `kill PID` or a closed terminal must stop the UI's whole process group as Ctrl-C does; installed
+    # before the UI starts, so no signal can slip between its start and the handler.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop_on)
+    process = None
     try:
+        process, url = start_ui(spec, args.port)
+        print(f"MLflow UI for study {spec.name}: {study_ui_url(spec, url)}  (Ctrl-C stops it)", flush=True)
         return process.wait()
     except KeyboardInterrupt:
-        stop_ui(process)  # the UI's workers are in its process group: stop them all
         return 0
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)  # a second signal must not cut the cleanup short
+        if process is not None:
+            stop_ui(process)  # the UI's workers are in its process group: stop them all
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

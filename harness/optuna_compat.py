@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["OPTUNA_VERSION", "claim_waiting", "set_state", "set_user_attr", "trial_id"]
+__all__ = ["OPTUNA_VERSION", "claim_waiting", "rdb_engine", "set_state", "set_user_attr", "trial_id"]
 
 OPTUNA_VERSION = "5.0.0"
 
@@ -52,3 +52,10 @@ def claim_waiting(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> optu
     except optuna.exceptions.UpdateFinishedTrialError:
         return None
     return optuna.Trial(study, trial_id(frozen))
+
+
+def rdb_engine(study: optuna.Study) -> Any:
+    """The SQLAlchemy engine of a study on an RDB storage (``Study._storage``, unwrapped from Optuna's
+    ``_CachedStorage`` through its ``_backend``), for a database lock Optuna does not offer."""
+    storage = study._storage
+    return getattr(storage, "_backend", storage).engine

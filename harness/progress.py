@@ -30,6 +30,9 @@ class StudyProgress:
 
     def trial_phase(self, text: str) -> None: ...
 
+    def trial_progress(self, text: str, done: int, total: int | None) -> None:
+        """Progress inside a phase (lm-eval's requests: ``"generating", 5, 8``); a display may skip it."""
+
     def trial_end(self, number: int, variant: str, state: str, seconds: float, detail: str = "") -> None: ...
 
     def message(self, text: str) -> None: ...
@@ -46,22 +49,27 @@ class LineProgress(StudyProgress):
     def __init__(self, prefix: str = "") -> None:
         self.prefix = prefix
         self._last_step_print = 0.0
+        self._trial = ""
 
     def _print(self, text: str) -> None:
         print(f"{self.prefix}{text}", file=sys.stderr, flush=True)
 
     def trial_start(self, number: int, variant: str) -> None:
-        self._print(f"trial {number} ({variant}): started")
+        self._trial = f"trial {number} ({variant})"  # every line names its trial: workers interleave
+        self._last_step_print = time.monotonic()
+        self._print(f"{self._trial}: started")
 
     def trial_step(self, step: int, metrics: Mapping[str, float]) -> None:
         now = time.monotonic()
         if now - self._last_step_print >= 30:  # a line every 30 s at most: logs stay readable
             self._last_step_print = now
             loss = metrics.get("loss")
-            self._print(f"  step {step}" + (f" loss {loss:.4g}" if loss is not None else ""))
+            self._print(f"{self._trial}: step {step}" + (f" loss {loss:.4g}" if loss is not None else ""))
 
     def trial_phase(self, text: str) -> None:
-        self._print(f"  {text}")
+        if text.startswith("loading"):  # not an event a reader of the log needs; the display shows it
+            return
+        self._print(f"{self._trial}: {text}")
 
     def trial_end(self, number: int, variant: str, state: str, seconds: float, detail: str = "") -> None:
         self._print(
@@ -130,6 +138,12 @@ class RichProgress(StudyProgress):
 
         if self._trial is not None:
             self._progress.update(self._trial, info=escape(text))
+
+    def trial_progress(self, text: str, done: int, total: int | None) -> None:
+        from rich.markup import escape
+
+        if self._trial is not None:  # the trial's bar counts the phase's work: "evaluating: generating 5/8"
+            self._progress.update(self._trial, total=total, completed=done, info=escape(f"evaluating: {text}"))
 
     def trial_end(self, number: int, variant: str, state: str, seconds: float, detail: str = "") -> None:
         from rich.markup import escape

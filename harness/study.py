@@ -26,6 +26,7 @@ host cannot be checked for liveness from here; it is reconciled by a run on its 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing
@@ -37,7 +38,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -66,8 +67,9 @@ TrialFn = Callable[[Any, "StudySpec", "TrialContext"], Mapping[str, float]]
 JOURNAL_SCHEME = "journal:///"
 INTERRUPTED = "interrupted"
 INTERRUPTED_BY_USER = "interrupted by user"
-HEARTBEAT_S = 60.0
-HEARTBEAT_STALE_S = 600.0  # ten missed beats: the owner on another host is gone
+# Seconds between a trial's heartbeats on a shared RDB storage; UNISD_HEARTBEAT_S shortens it (tests).
+HEARTBEAT_S = float(os.environ.get("UNISD_HEARTBEAT_S") or 60.0)
+HEARTBEAT_STALE_S = 10 * HEARTBEAT_S  # ten missed beats: the owner on another host is gone
 _ORPHAN_GRACE = timedelta(minutes=2)  # a RUNNING trial without an owner record: claimed, then killed at once
 
 
@@ -234,13 +236,19 @@ def _process_start(pid: int) -> float | None:
         return None
 
 
+def _host() -> str:
+    """This machine in trial ownership records: ``UNISD_HOST`` when set (machines or containers that share
+    a host name must set distinct ones), else the host name."""
+    return os.environ.get("UNISD_HOST") or socket.gethostname()
+
+
 def _owner_record() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
+    return {"host": _host(), "pid": os.getpid(), "started": _process_start(os.getpid())}
 
 
 def _owner_alive(owner: Mapping[str, Any]) -> bool | None:
     """True/False for a process on this host; None when the owner runs elsewhere (cannot tell)."""
-    if owner.get("host") != socket.gethostname():
+    if owner.get("host") != _host():
         return None
     started = _process_start(int(owner["pid"]))
     # A pid is reused after its process dies: the start time tells the original from an impostor.
@@ -257,6 +265,16 @@ def _is_stale(trial: optuna.trial.FrozenTrial) -> bool:
         beat = trial.user_attrs.get("heartbeat")
         return beat is not None and time.time() - float(beat) > HEARTBEAT_STALE_S
     return not alive
+
+
+def _stale_reason(trial: optuna.trial.FrozenTrial) -> str:
+    """A stale trial's fail reason: "interrupted", plus the silent host when the heartbeat told (another
+    machine), so whoever reads the study knows which machine to look at."""
+    owner = trial.user_attrs.get("owner") or {}
+    beat = trial.user_attrs.get("heartbeat")
+    if owner.get("host") not in (None, _host()) and beat is not None:
+        return f"{INTERRUPTED}: no heartbeat from {owner['host']} for {time.time() - float(beat):.0f}s"
+    return INTERRUPTED
 
 
 class _Heartbeat:
@@ -311,7 +329,7 @@ def reconcile(
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not _is_stale(trial):
             continue
-        optuna_compat.set_user_attr(study, trial, "fail_reason", INTERRUPTED)
+        optuna_compat.set_user_attr(study, trial, "fail_reason", _stale_reason(trial))
         optuna_compat.set_state(study, trial, TrialState.FAIL)
         repaired["interrupted"] += 1
     for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
@@ -335,6 +353,30 @@ def reconcile(
         reasons = {t.number: t.user_attrs.get("fail_reason") for t in study.get_trials(deepcopy=False)}
         mltrack.close_dangling_runs(tracking_uri, spec, states, reasons)
     return repaired
+
+
+@contextlib.contextmanager
+def _reconcile_lock(study: optuna.Study, url: str) -> Iterator[None]:
+    """On PostgreSQL, one process reconciles a study at a time (an advisory lock named after the study).
+
+    Two machines started together would otherwise both find every point missing and enqueue it twice;
+    each point still ran once (the copies failed as duplicates), but the study was littered with FAILs.
+    """
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import hashlib
+
+    from sqlalchemy import text
+
+    digest = hashlib.sha256(f"unisd-harness:{study.study_name}".encode()).digest()
+    key = int.from_bytes(digest[:8], "big", signed=True)
+    with optuna_compat.rdb_engine(study).connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
 
 
 def _point_attrs(point: Any) -> dict[str, Any]:
@@ -420,6 +462,7 @@ def _run_one(
     import optuna
     from optuna.trial import TrialState
 
+    from harness.library_output import trial_output
     from harness.plan import point_key, point_summary
     from harness.tracking import TrialRun
     from harness.trial import TrialContext, run_trial
@@ -465,7 +508,8 @@ def _run_one(
         progress.trial_end(number, variant, "FAIL", time.perf_counter() - started, reason)
 
     try:
-        metrics = dict(trial_fn(point, spec, ctx))
+        with trial_output(trial_dir / "trial.log", progress):  # library warnings there, lm-eval bars folded
+            metrics = dict(trial_fn(point, spec, ctx))
         values = _objective_values(spec, metrics)
     except optuna.TrialPruned as pruned:
         trial.set_user_attr("seconds", time.perf_counter() - started)
@@ -602,6 +646,9 @@ def _worker_main(args: _WorkerArgs) -> None:
     quiet_store_logs()
     keep_freed_memory()
     _interrupt_once()
+    from harness.library_output import quiet_libraries
+
+    quiet_libraries(args.spec.output_path / "harness.log")
     if args.n_workers > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
         _pin_gpus(args.worker, args.gpus_per_trial)
     progress = LineProgress(prefix=f"[worker {args.worker}] ")
@@ -796,7 +843,8 @@ def _run_locked(
     tracking = init_tracking(spec, parent_run_id=study.user_attrs.get("mlflow_parent_run_id"))
     study.set_user_attr("mlflow_parent_run_id", tracking.parent_run_id)
     points = _fixed_points(spec)
-    repaired = reconcile(study, spec, points, tracking.tracking_uri)
+    with _reconcile_lock(study, url):
+        repaired = reconcile(study, spec, points, tracking.tracking_uri)
     total = len(points) + (spec.search.n_trials or 0)
     progress = progress or _default_progress()
     left = _points_left(study, spec)
@@ -834,6 +882,9 @@ def _run_locked(
         t
         for t in trials
         if t.datetime_complete is not None and t.datetime_complete.timestamp() >= started_wall
+        # on a shared storage, other machines finish trials meanwhile: they are not this run's work
+        and (t.user_attrs.get("owner") or {}).get("host", _host()) == _host()
+        and (workers > 1 or (t.user_attrs.get("owner") or {}).get("pid", os.getpid()) == os.getpid())
     ]
     states: dict[str, int] = {}
     for t in trials:

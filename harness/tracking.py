@@ -57,6 +57,7 @@ __all__ = [
     "open_tracking",
     "start_ui",
     "stop_ui",
+    "study_ui_url",
 ]
 
 # Tags that identify our runs inside an experiment that may hold other things too.
@@ -66,6 +67,10 @@ TAG_TRIAL = "optuna_trial_number"
 TAG_STATE = "optuna_state"
 TAG_FAIL_REASON = "fail_reason"
 _PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment without this tag on its GenAI "traces" overview (empty here); a study
+# is model training, whose runs table is what a user compares.
+_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {_KIND_TAG: "custom_model_development"}
 _MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
 _VERSIONED = ("unisd-harness", "torch", "transformers", "peft", "optuna", "mlflow", "lm_eval", "pandas")
 _MAX_PARAM = 6000  # MLflow's limit on a param value's length
@@ -149,11 +154,19 @@ def init_tracking(spec: StudySpec, *, parent_run_id: str | None = None) -> Study
     client = _client(spec.tracking_uri)
     experiment = _find_experiment(client, spec.experiment_name)
     if experiment is None:
-        experiment_id = client.create_experiment(
-            spec.experiment_name, artifact_location=_artifact_location(spec)
-        )
+        try:
+            experiment_id = client.create_experiment(
+                spec.experiment_name, artifact_location=_artifact_location(spec), tags=EXPERIMENT_TAGS
+            )
+        except Exception:  # another machine created it a moment ago (a shared tracking server)
+            experiment = _find_experiment(client, spec.experiment_name)
+            if experiment is None:
+                raise
+            experiment_id = experiment.experiment_id
     else:
         experiment_id = experiment.experiment_id
+        if experiment.tags.get(_KIND_TAG) is None:  # a store made before the tag existed
+            client.set_experiment_tag(experiment_id, _KIND_TAG, EXPERIMENT_TAGS[_KIND_TAG])
     if parent_run_id is not None:
         try:
             client.update_run(parent_run_id, status="RUNNING")
@@ -504,6 +517,18 @@ def start_ui(spec: StudySpec, port: int = 5000):
     ]
     process = subprocess.Popen(command, start_new_session=True)
     return process, f"http://127.0.0.1:{port}"
+
+
+def study_ui_url(spec: StudySpec, base_url: str) -> str:
+    """The page of the study's experiment in the MLflow UI at ``base_url``, on its runs table.
+
+    MLflow 3.17's UI opens every experiment on its GenAI overview (traces: empty for a study) unless the
+    URL asks for the model-training workflow; the experiment tag alone no longer decides.
+    """
+    experiment = _find_experiment(_client(spec.tracking_uri), spec.experiment_name)
+    if experiment is None:
+        return base_url
+    return f"{base_url}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
 
 
 def stop_ui(process, grace: float = 15.0) -> None:

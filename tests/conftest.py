@@ -45,3 +45,9 @@ def tiny_model_and_tokenizer(bundled_tokenizer):
 
     model, _ = load_model(TINY_RANDOM_LLAMA, device="cpu")
     return model, bundled_tokenizer
+
+
+# Real services (tests/services.py): a throwaway PostgreSQL cluster, an MLflow server on it, and the shared
+# smoke study run (one `harness run studies/smoke.yaml > log 2>&1` per session, read by the console tests
+# and opened by the browser tests).
+from services import mlflow_server, postgres, smoke_run  # noqa: E402, F401

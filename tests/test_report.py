@@ -508,3 +508,20 @@ def test_study_mode_search_adds_optuna_section(tmp_path):
     unisd = [p for p in grid_points(best_spec) if p.family == "unisd"]
     assert {p.name for p in unisd} == {"unisd[ema+clipping]"}
     assert all(p.variant.ema.beta == pytest.approx(beta) for p in unisd)
+
+
+def test_interaction_heatmap_labels_stay_readable_on_saturated_cells(tmp_path, monkeypatch):
+    """Seen in the browser: black numbers on the darkest red/blue cells could not be read."""
+    from harness.report import plots
+    from harness.report.effects import pair_key
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    effects = {
+        "main_effects": {"a": 0.1, "b": -0.2, "c": 0.0},
+        "interactions": {pair_key("a", "b"): -0.05, pair_key("a", "c"): 0.001, pair_key("b", "c"): None},
+    }
+    plots.interaction_heatmap(effects, ["a", "b", "c"], "mean.acc", tmp_path / "h.png")
+    colors = {t.get_text(): t.get_color() for t in figures[0].axes[0].texts}
+    assert colors["-0.05"] == "white", "the strongest interaction sits on the darkest cell"
+    assert colors["+0.001"] == "black" and colors["n/a"] == "black" and colors["main\n+0.1"] == "black"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -410,3 +411,24 @@ def test_a_point_enqueued_twice_still_runs_once(tmp_path):
     assert [t.state for t in same] == [TrialState.COMPLETE, TrialState.FAIL]
     assert same[1].user_attrs["fail_reason"] == f"duplicate of trial {same[0].number}"
     assert sorted(_calls(spec)) == sorted(point_key(p) for p in grid_points(spec))
+
+
+def test_a_trial_judged_by_its_heartbeat_names_the_silent_machine(monkeypatch):
+    from datetime import datetime
+
+    from optuna.trial import create_trial
+
+    from harness.study import _is_stale, _owner_record, _stale_reason
+
+    monkeypatch.setenv("UNISD_HOST", "machine-b")  # machines (containers) that share a host name
+    me = _owner_record()
+    assert me["host"] == "machine-b"
+    trial = create_trial(
+        state=TrialState.RUNNING,
+        user_attrs={"owner": {**me, "host": "machine-a"}, "heartbeat": time.time() - 700},
+    )
+    trial.datetime_start = datetime.now()
+    assert _is_stale(trial)
+    assert re.fullmatch(r"interrupted: no heartbeat from machine-a for 70\ds", _stale_reason(trial))
+    dead_here = create_trial(state=TrialState.RUNNING, user_attrs={"owner": {**me, "pid": 2**22 + 7}})
+    assert _stale_reason(dead_here) == "interrupted"

@@ -186,3 +186,24 @@ def test_ui_serves_the_study_store_and_stops_with_its_process_group(spec):
         stop_ui(process)
     with pytest.raises(ProcessLookupError):
         os.killpg(process.pid, 0)  # no process of the group is left behind
+
+
+def test_the_study_experiment_is_model_training_and_the_ui_link_opens_its_runs(spec):
+    """MLflow 3's UI shows an experiment without ``mlflow.experimentKind`` as GenAI (traces, empty here);
+    3.17 decides by the ``workflowType`` of the address: the link `harness ui` prints asks for runs."""
+    from mlflow import MlflowClient
+
+    from harness.tracking import study_ui_url
+
+    assert study_ui_url(spec, "http://127.0.0.1:5000") == "http://127.0.0.1:5000", "no store yet"
+    tracking = init_tracking(spec)
+    client = MlflowClient(spec.tracking_uri)
+    experiment = client.get_experiment(tracking.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert study_ui_url(spec, "http://127.0.0.1:5000") == (
+        f"http://127.0.0.1:5000/#/experiments/{tracking.experiment_id}?workflowType=machine_learning"
+    )
+    client.delete_experiment_tag(tracking.experiment_id, "mlflow.experimentKind")  # a store made before
+    init_tracking(spec, parent_run_id=tracking.parent_run_id)
+    experiment = client.get_experiment(tracking.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"

@@ -64,7 +64,9 @@ def interaction_heatmap(effects: dict, components: Sequence[str], metric: str, p
             text = "n/a" if not np.isfinite(grid[i, j]) else f"{grid[i, j]:+.3g}"
             if i == j:
                 text = "main\n" + text
-            ax.text(j, i, text, ha="center", va="center", fontsize=8)
+            # white on the saturated ends of the colormap, where black text was unreadable in the browser
+            strong = i != j and np.isfinite(grid[i, j]) and abs(grid[i, j]) > 0.6 * limit
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if strong else "black")
     ax.set_xticks(range(n), components, rotation=35, ha="right")
     ax.set_yticks(range(n), components)
     ax.set_title(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,8 +99,9 @@ def to_markdown(title: str, blocks: list[Block], root: Path) -> str:
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45}
-table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.88em}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+.table{overflow-x:auto;margin:.5em 0 1.5em}
+table{border-collapse:collapse;font-size:.88em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}td{white-space:nowrap}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 caption{caption-side:top;text-align:left;font-style:italic;padding-bottom:.3em}
 figure{margin:1em 0 2em}img{max-width:100%}figcaption{font-style:italic;font-size:.9em}
@@ -107,14 +109,21 @@ pre{background:#f6f6f6;padding:.8em;overflow-x:auto}
 """
 
 
+def _header(name: object) -> str:
+    # A metric name breaks after its dots and underscores ("mbpp.pass_<wbr>at_1") instead of widening its
+    # column: the results table of six benchmarks then fits a laptop's window.
+    return re.sub(r"([._])", r"\1<wbr>", html.escape(str(name)))
+
+
 def _html_table(frame: pd.DataFrame, caption: str) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    head = "".join(f"<th>{_header(c)}</th>" for c in frame.columns)
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
         for row in frame.itertuples(index=False)
     )
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    # A table still wider than the text column scrolls inside its own box, never the page.
+    return f'<div class="table"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
 
 
 def to_html(title: str, blocks: list[Block]) -> str:
