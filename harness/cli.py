@@ -20,19 +20,31 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     plan = describe_plan(spec)
     variants = plan["variants"]
     shown = ", ".join(variants[:8]) + (f", ... ({len(variants) - 8} more)" if len(variants) > 8 else "")
-    if spec.search.sampler == "grid":
+    axes = plan["axes"]
+    if spec.search.sampler == "grid" and (len(axes["models"]) > 1 or axes["protocol"] == "per_task"):
+        trials = (
+            f"{plan['n_trials']} ({len(axes['models'])} model(s) x {len(axes['train_tasks'])} task(s) x "
+            f"{len(axes['trained_variants'])} trained variant(s) x {len(spec.seeds)} seed(s) = "
+            f"{axes['trained_trials']}, + {axes['base_trials']} base evaluation(s))"
+        )
+    elif spec.search.sampler == "grid":
         trials = f"{plan['n_trials']} ({plan['fixed_trials'] // len(spec.seeds)} points x {len(spec.seeds)} seed(s))"
     else:
         budget = (
             f"{plan['searched_trials']} searched" if plan["searched_trials"] else "searched until timeout"
         )
         trials = f"{plan['fixed_trials']} fixed + {budget}"
-    lora = f", LoRA r={spec.model.lora.r}" if spec.model.lora.enabled else ""
+    models = [
+        f"{m.label} = {m.ref} ({m.dtype}" + (f", LoRA r={m.lora.r}" if m.lora.enabled else "") + ")"
+        for m in spec.models()
+    ]
     size = spec.data.train_size
     limit = spec.evaluation.limit
     print(f"{args.spec}: valid")
     print(f"  study       {spec.name}")
-    print(f"  model       {spec.model.ref} ({spec.model.dtype}{lora})")
+    print(f"  model       {'; '.join(models)}")
+    if spec.data.protocol == "per_task":
+        print(f"  protocol    per_task: one model per training task ({', '.join(spec.data.train)})")
     print(f"  variants    {len(variants)}: {shown}")
     print(f"  trials      {trials}")
     print(f"  train on    {', '.join(spec.data.train) or '-'} ({size or 'all'} per benchmark)")
@@ -69,6 +81,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     keep_freed_memory()  # before the first model is loaded (see the module: ~6% per training step on CPU)
 
     spec = load_spec(args.spec).with_overrides(output_dir=args.output_dir, storage=args.storage)
+    if args.json:
+        if not args.dry_run:
+            raise HarnessError("--json only applies with --dry-run (one JSON object per planned trial)")
+        import json
+
+        from harness.plan import plan_json_lines
+
+        for line in plan_json_lines(spec):
+            print(json.dumps(line, default=str))
+        return 0
     summary = run_study(spec, workers=args.workers, gpus_per_trial=args.gpus_per_trial, dry_run=args.dry_run)
     if summary.dry_run:
         print(summary.plan)
@@ -256,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--storage", help="Optuna storage URL (e.g. postgresql://...), overrides the spec")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="with --dry-run: one JSON object per trial (model, train_task, variant, seed, params)",
+    )
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.set_defaults(func=_cmd_run)
 

@@ -70,7 +70,9 @@ def test_summary_counts_smoke_and_full_ablation(capsys):
     assert "variants    4:" in out and "trials      4 (4 points x 1 seed(s))" in out
     assert "evaluate    scienceqa, mbpp (4 per benchmark)" in out
     _, out, _ = _run(capsys, "validate", str(REPO / "studies" / "full_ablation.yaml"))
-    assert "variants    36:" in out and "trials      108 (36 points x 3 seed(s))" in out
+    assert "variants    36:" in out
+    assert "trials      842 (2 model(s) x 4 task(s) x 35 trained variant(s) x 3 seed(s) = 840, + 2 base" in out
+    assert "protocol    per_task" in out and "llama-3.1-8b = meta-llama/Llama-3.1-8B-Instruct" in out
 
 
 def test_valid_minimal_spec(capsys, tmp_path):
@@ -104,7 +106,8 @@ def test_list_where_a_mapping_belongs(capsys, tmp_path):
     path = _write(
         tmp_path, VALID.replace("model:\n  ref: tiny-random:llama", "model:\n  - tiny-random:llama")
     )
-    assert _fails(capsys, path) == f"{path}:2: model: must be a mapping (got a list)"
+    # a list of models is the model axis: each entry must be a model section
+    assert _fails(capsys, path) == f"{path}:3: model[0]: must be a mapping (got 'tiny-random:llama')"
 
 
 def test_unknown_key_suggests_the_closest(capsys, tmp_path):
@@ -203,7 +206,7 @@ def test_gkd_parameters_without_the_gkd_baseline(capsys, tmp_path):
 
 def test_component_configured_but_never_enabled(capsys, tmp_path):
     path = _write(tmp_path, VALID.replace("  ema:\n", "  clipping: {mode: static}\n  ema:\n"))
-    assert "method.clipping: configured but no subset or preset enables it" in _fails(capsys, path)
+    assert "method.clipping: configured but no subset enables it" in _fails(capsys, path)
 
 
 def test_search_space_bound_outside_the_field_range(capsys, tmp_path):
