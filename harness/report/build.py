@@ -19,6 +19,7 @@ import pandas as pd
 from harness.errors import HarnessError
 from harness.report import plots
 from harness.report.effects import analyse_effects, complete_rows
+from harness.report.paper import paper_blocks
 from harness.report.render import (
     Block,
     Bullets,
@@ -408,6 +409,8 @@ def build_report(
     blocks.append(
         Table(ci_table(stats, analysed), "95% confidence interval of the mean over seeds (Student t)")
     )
+    paper_section, paper_data = paper_blocks(table, components, analysed)  # per model and cell (harness.report.paper)
+    blocks += paper_section
 
     figures: list[Path] = []
     if components:
@@ -437,6 +440,8 @@ def build_report(
     figures += figs
 
     payload: dict = dict(effects)
+    if paper_data:
+        payload["_paper"] = paper_data
     if optuna_study is not None:
         more, figs, info = _search_blocks(optuna_study, figdir)
         blocks += more
