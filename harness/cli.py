@@ -13,45 +13,12 @@ from harness.errors import HarnessError
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from harness.plan import describe_plan
+    from harness.plan import describe_plan, format_plan
     from harness.spec import load_spec
 
     spec = load_spec(args.spec)
-    plan = describe_plan(spec)
-    variants = plan["variants"]
-    shown = ", ".join(variants[:8]) + (f", ... ({len(variants) - 8} more)" if len(variants) > 8 else "")
-    axes = plan["axes"]
-    if spec.search.sampler == "grid" and (len(axes["models"]) > 1 or axes["protocol"] == "per_task"):
-        trials = (
-            f"{plan['n_trials']} ({len(axes['models'])} model(s) x {len(axes['train_tasks'])} task(s) x "
-            f"{len(axes['trained_variants'])} trained variant(s) x {len(spec.seeds)} seed(s) = "
-            f"{axes['trained_trials']}, + {axes['base_trials']} base evaluation(s))"
-        )
-    elif spec.search.sampler == "grid":
-        trials = f"{plan['n_trials']} ({plan['fixed_trials'] // len(spec.seeds)} points x {len(spec.seeds)} seed(s))"
-    else:
-        budget = (
-            f"{plan['searched_trials']} searched" if plan["searched_trials"] else "searched until timeout"
-        )
-        trials = f"{plan['fixed_trials']} fixed + {budget}"
-    models = [
-        f"{m.label} = {m.ref} ({m.dtype}" + (f", LoRA r={m.lora.r}" if m.lora.enabled else "") + ")"
-        for m in spec.models()
-    ]
-    size = spec.data.train_size
-    limit = spec.evaluation.limit
     print(f"{args.spec}: valid")
-    print(f"  study       {spec.name}")
-    print(f"  model       {'; '.join(models)}")
-    if spec.data.protocol == "per_task":
-        print(f"  protocol    per_task: one model per training task ({', '.join(spec.data.train)})")
-    print(f"  variants    {len(variants)}: {shown}")
-    print(f"  trials      {trials}")
-    print(f"  train on    {', '.join(spec.data.train) or '-'} ({size or 'all'} per benchmark)")
-    print(f"  evaluate    {', '.join(spec.evaluation.benchmarks)} ({limit or 'all'} per benchmark)")
-    print(f"  seeds       {', '.join(map(str, spec.seeds))}")
-    print(f"  sampler     {spec.search.sampler}; objectives: {', '.join(plan['objectives'])}")
-    print(f"  output      {spec.output_path}")
+    print(format_plan(describe_plan(spec)))
     return 0
 
 
@@ -166,7 +133,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from harness.data import BENCHMARKS
-    from harness.evaluation.lmeval import PRIMARY, evaluate_model, task_name
+    from harness.evaluation.lmeval import evaluate_model, task_name
 
     benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     if not benchmarks:
@@ -205,7 +172,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     table.add_column("n", justify="right")
     m = result.metrics
     for name in benchmarks:
-        metric = PRIMARY[BENCHMARKS[name].kind]
+        metric = BENCHMARKS[name].metric
         n = m.get(f"{name}.n")
         table.add_row(name, metric, f"{m[f'{name}.{metric}']:.3f}", f"{n:.0f}" if n is not None else "")
     table.add_row("mean", "acc", f"{m['mean.acc']:.3f}", str(len(benchmarks)))

@@ -4,7 +4,9 @@ Why a subprocess: data-parallel training needs one process per GPU from the star
 process group and owns one device), while the trial process owns Optuna, MLflow and the evaluation. So
 the trial writes a job file into its folder, launches the training processes, forwards rank 0's per-step
 metrics to its callback as they are written (MLflow curves and progress stay live), and, when they are
-done, loads the weights rank 0 saved and evaluates them itself. The files, in ``<trial_dir>/data_parallel/``:
+done, loads the weights rank 0 saved (:func:`load_trained_weights`) and evaluates them itself. The
+launcher needs nothing from the trial: the model comes from :mod:`harness.models`, the examples from
+:mod:`harness.data.training`. The files, in ``<trial_dir>/data_parallel/``:
 
 - ``job.json``: the model and data sections of the spec, the variant and the training configs;
 - ``history.jsonl``: one line per optimizer step (metrics averaged over the processes);
@@ -27,26 +29,34 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-__all__ = ["main", "train_in_processes"]
+if TYPE_CHECKING:
+    from torch import nn
+
+    from harness.spec import StudySpec
+    from unisd_components.config import TrainingConfig, VariantConfig
+    from unisd_components.trainer import TrainResult
+
+__all__ = ["load_trained_weights", "main", "train_in_processes"]
 
 _POLL_SECONDS = 0.5
 
 
 def train_in_processes(
     processes: int,
-    spec: Any,
-    variant: Any,
-    training: Any,
+    spec: StudySpec,
+    variant: VariantConfig,
+    training: TrainingConfig,
     *,
     work_dir: Path,
     cache_dir: Path,
     callback: Callable[[int, dict[str, float]], None] | None = None,
-) -> tuple[dict[str, Any], Any]:
-    """Train ``variant`` over ``processes`` processes; return ``(trained tensors, TrainResult)``.
+) -> TrainResult:
+    """Train ``variant`` over ``processes`` processes; return the :class:`TrainResult`, as ``train_variant``.
 
-    ``spec`` supplies the model and the training data. Raises ``NonFiniteLossError`` as the in-process
+    ``spec`` supplies the model and the training data. The trained weights stay in ``work_dir``: load
+    them into a model with :func:`load_trained_weights`. Raises ``NonFiniteLossError`` as the in-process
     trainer does, and ``RuntimeError`` with the failed process's own error line (or, when none wrote one,
     the tail of the log) when the processes fail otherwise.
     """
@@ -109,10 +119,26 @@ def train_in_processes(
             f"data-parallel training over {processes} processes failed (exit {proc.returncode}): {why}\n"
             f"(log: {work_dir / 'launch.log'})"
         )
+    return TrainResult(**json.loads((work_dir / "result.json").read_text()), history=rows)
+
+
+def load_trained_weights(model: nn.Module, work_dir: Path) -> nn.Module:
+    """Copy the tensors the processes saved (LoRA adapters, or every weight) into ``model``, in place.
+
+    ``model`` must have the trained model's structure (the base model with the spec's LoRA applied).
+    """
+    import torch
     from safetensors.torch import load_file
 
-    result = TrainResult(**json.loads((work_dir / "result.json").read_text()), history=rows)
-    return load_file(str(work_dir / "trained.safetensors")), result
+    trained = load_file(str(work_dir / "trained.safetensors"))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(trained) - set(params))
+    if unknown:
+        raise RuntimeError(f"the trained weights do not fit the model: unknown tensors {unknown[:3]}")
+    with torch.no_grad():
+        for name, tensor in trained.items():
+            params[name].copy_(tensor)
+    return model
 
 
 def _forward_new_steps(path: Path, offset: int, callback) -> int:
@@ -169,9 +195,9 @@ def _train_process(work_dir: Path) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from harness.models import load_model
+    from harness.data.training import load_train_examples
+    from harness.models import load_model, with_spec_lora
     from harness.spec import DataSpec, ModelSpec
-    from harness.trial import load_train_examples, with_spec_lora
     from unisd_components import TrainingConfig, VariantConfig, train_variant
     from unisd_components.distributed import init_data_parallel, world
     from unisd_components.trainer import NonFiniteLossError

@@ -24,10 +24,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from harness.spec import LoRASpec
 
 __all__ = [
     "BUNDLED_SMOLLM2",
@@ -38,6 +42,7 @@ __all__ = [
     "load_tokenizer",
     "resolve_device",
     "resolve_dtype",
+    "with_spec_lora",
 ]
 
 BUNDLED_SMOLLM2 = "bundled:smollm2-135m-instruct"
@@ -201,3 +206,16 @@ def load_model(ref: str, *, device: str | None = None, dtype: str | None = None)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def with_spec_lora(model, lora: LoRASpec):
+    """``model`` with fresh LoRA adapters when the spec's ``model.lora`` asks for them, else unchanged.
+
+    Here, beside model loading, because both the trial and the data-parallel training processes build
+    their trainable model from the spec's model section this way.
+    """
+    if not lora.enabled:
+        return model
+    from unisd_components.lora import apply_lora
+
+    return apply_lora(model, lora.r, lora.alpha, lora.target_modules, dropout=lora.dropout)

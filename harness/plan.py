@@ -27,9 +27,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from harness.data.registry import BENCHMARKS
 from harness.errors import SpecError
 from harness.spec import (
-    CODE_BENCHMARKS,
     COMPONENT_CONFIGS,
     PRESET_COMPONENTS,
     ChoiceSpace,
@@ -45,6 +45,8 @@ from unisd_components.config import (
     TrainingConfig,
     VariantConfig,
 )
+from unisd_components.presets import PRESETS, training_for_preset
+from unisd_components.registry import REGISTRY
 
 if TYPE_CHECKING:
     import optuna
@@ -139,18 +141,6 @@ def search_candidates(spec: StudySpec) -> list[str]:
     return [k.name for k in _kinds(spec) if k.name not in spec.method.baselines]
 
 
-def _preset(name: str) -> VariantConfig:
-    from unisd_components.presets import PRESETS  # lazily: validation must not need the training stack
-
-    variant = PRESETS[name]
-    if variant.enabled_components() != PRESET_COMPONENTS[name]:
-        raise SpecError(
-            f"preset {name}: unisd_components enables {variant.enabled_components()}, "
-            f"harness.spec expects {PRESET_COMPONENTS[name]}: update harness.spec.PRESET_COMPONENTS"
-        )
-    return variant
-
-
 def _raw_params(kind: _Kind, spec: StudySpec) -> tuple[dict[str, Any], dict[str, Any]]:
     """(values or spaces by parameter name, config defaults by parameter name) for one kind of point."""
     raw: dict[str, Any] = {}
@@ -163,7 +153,7 @@ def _raw_params(kind: _Kind, spec: StudySpec) -> tuple[dict[str, Any], dict[str,
         return raw, defaults
     method = spec.method
     if kind.method == "sdft":
-        preset = _preset(kind.preset) if kind.preset else None
+        preset = PRESETS[kind.preset] if kind.preset else None
         # A preset keeps its own values (unisd-method.md section 2); only method.preset_overrides.<name>
         # changes them. The component sections of `method` configure the factorial subsets.
         override = method.preset_overrides.get(kind.preset) if kind.preset else None
@@ -242,8 +232,6 @@ def _build(kind: _Kind, values: Mapping[str, Any], seed: int, grid: Mapping[str,
             method="sdft", alpha=values["alpha"], kl_to_base_beta=values["kl_to_base_beta"], **sections
         )
         if kind.preset:
-            from unisd_components.presets import training_for_preset
-
             training = training_for_preset(kind.preset, training)
     params: dict[str, Any] = {f"comp.{c}": c in kind.components for c in COMPONENT_NAMES}
     params["method"] = kind.method
@@ -387,17 +375,6 @@ def point_training(point: TrialPoint, spec: StudySpec | None = None) -> Training
 # --------------------------------------------------------------------------------------------------
 # The plan: counts and cost estimates for --dry-run
 
-# Approximate split sizes (hub versions) for estimates when the spec takes a whole split.
-_TRAIN_SIZES = {"scienceqa": 12726, "cos_e": 9741, "mbpp": 120, "toolalpaca": 3938, "gsm8k": 7473}
-_EVAL_SIZES = {
-    "scienceqa": 4241,
-    "gpqa": 198,
-    "mbpp": 257,
-    "humaneval": 164,
-    "cos_e": 1221,
-    "toolalpaca": 114,
-    "gsm8k": 1319,
-}
 # Throughput assumptions for a 7B model in bf16 on one 80 GB H100-class GPU, HF transformers (no vLLM):
 # batched `generate` decodes ~1,500 tokens/s over a batch of 16-32; a forward+backward pass (LoRA, gradient
 # checkpointing) processes ~6,000 tokens/s; a gradient-free forward ~18,000 tokens/s. Average prompt length
@@ -409,23 +386,28 @@ MEAN_PROMPT_TOKENS = 300
 MEAN_FILL = 0.6
 
 
+def _size(benchmark: str, split: str, limit: int | None) -> int:
+    """Examples taken from a split: the limit, or the whole split's (approximate, hub) size."""
+    size = BENCHMARKS[benchmark].sizes[split]
+    return min(limit, size) if limit else size
+
+
 def _train_examples(spec: StudySpec) -> int:
-    size = spec.data.train_size
-    return sum(min(size, _TRAIN_SIZES[b]) if size else _TRAIN_SIZES[b] for b in spec.data.train)
+    return sum(_size(b, "train", spec.data.train_size) for b in spec.data.train)
 
 
 def _eval_examples(spec: StudySpec) -> int:
-    limit = spec.evaluation.limit
-    return sum(min(limit, _EVAL_SIZES[b]) if limit else _EVAL_SIZES[b] for b in spec.evaluation.benchmarks)
+    return sum(_size(b, "test", spec.evaluation.limit) for b in spec.evaluation.benchmarks)
 
 
 def _eval_generations(spec: StudySpec) -> int:
-    """Prompts whose answers are generated: all under generative scoring, code/tool ones under loglikelihood."""
+    """Prompts whose answers are generated: all under generative scoring; under loglikelihood, those of the
+    benchmarks without a log-likelihood task (code, tool calls)."""
     ev = spec.evaluation
     benches = ev.benchmarks
     if ev.scoring == "loglikelihood":
-        benches = [b for b in benches if b in CODE_BENCHMARKS or b == "toolalpaca"]
-    return sum(min(ev.limit, _EVAL_SIZES[b]) if ev.limit else _EVAL_SIZES[b] for b in benches)
+        benches = [b for b in benches if "loglikelihood" not in BENCHMARKS[b].tasks]
+    return sum(_size(b, "test", ev.limit) for b in benches)
 
 
 def _trial_cost(point: TrialPoint, spec: StudySpec) -> tuple[float, float, float]:
@@ -453,13 +435,12 @@ def _trial_cost(point: TrialPoint, spec: StudySpec) -> tuple[float, float, float
     on_policy = {"sft": 0.0, "gkd": variant.gkd.lmbda if variant.gkd else 0.5}.get(variant.method, 1.0)
     upper += on_policy * prompts * tr.max_completion_tokens
     gen_tokens += on_policy * prompts * completion
-    # Student forward+backward once; teacher forwards: the demonstration teacher (+ the richer context),
-    # K agreement contexts, the negative context. Negatives are generated once per study (not counted here).
+    # Student forward+backward once; teacher forwards: the demonstration teacher, then every component's
+    # extra contexts (K agreement contexts, the negative context). What a component generates in its setup
+    # (negatives) happens once per study: counted in describe_plan, not here.
     teacher_forwards = 1.0 if variant.method != "sft" else 0.0
-    if variant.agreement is not None:
-        teacher_forwards += variant.agreement.k
-    if variant.contrastive is not None:
-        teacher_forwards += 1
+    for name in variant.enabled_components():
+        teacher_forwards += REGISTRY[name].extra_context_count(getattr(variant, name))
     seconds += on_policy * prompts * completion / GEN_TOKENS_PER_S
     seconds += prompts * seq / TRAIN_TOKENS_PER_S + prompts * seq * teacher_forwards / FORWARD_TOKENS_PER_S
     return upper, gen_tokens, seconds
@@ -490,15 +471,15 @@ def describe_plan(spec: StudySpec) -> dict[str, Any]:
         costs += [searched] * n_search
         per_model_seconds[spec.models()[0].label] += searched[2] * n_search
     shared_gen = 0.0
-    uses_contrastive = any("contrastive" in k.components for k in _kinds(spec))
+    generators = {c for k in _kinds(spec) for c in k.components if REGISTRY[c].generates_in_setup}
     for model in spec.models():  # generated once per model and cell, never shared across models
         model_gen = 0.0
         for task in spec.train_tasks():
             cell = cell_spec(spec, _Coordinates(model.label, task))
             if spec.evaluation.retention:
                 model_gen += _eval_examples(cell) * spec.evaluation.max_gen_tokens  # base completions
-            if uses_contrastive:
-                model_gen += _train_examples(cell) * spec.training.max_completion_tokens  # negatives
+            for _ in generators:  # e.g. the negative demonstrations: one per training example
+                model_gen += _train_examples(cell) * spec.training.max_completion_tokens
         shared_gen += model_gen
         per_model_seconds[model.label] += MEAN_FILL * model_gen / GEN_TOKENS_PER_S
     variants = list(dict.fromkeys(p.name for p in fixed))
@@ -511,6 +492,9 @@ def describe_plan(spec: StudySpec) -> dict[str, Any]:
     return {
         "study": spec.name,
         "model": ", ".join(m.ref for m in spec.models()),
+        "model_setup": "; ".join(
+            m.dtype + (f", LoRA r={m.lora.r}" if m.lora.enabled else "") for m in spec.models()
+        ),
         "axes": axes,
         "gpu_hours_per_model": {
             m.label: round(per_model_seconds[m.label] * _size_factor(m.ref) / 3600, 1) for m in spec.models()
@@ -614,7 +598,8 @@ def plan_json_lines(spec: StudySpec) -> list[dict[str, Any]]:
 
 
 def format_plan(plan: Mapping[str, Any]) -> str:
-    """:func:`describe_plan`'s dict as the few lines ``--dry-run`` prints."""
+    """:func:`describe_plan`'s dict as the few lines ``harness validate`` and ``--dry-run`` print (the one
+    plan formatter: both commands show the same facts the same way)."""
     variants = plan["variants"]
     shown = ", ".join(variants[:10]) + (f", ... ({len(variants) - 10} more)" if len(variants) > 10 else "")
     several = plan.get("axes") and (len(plan["axes"]["models"]) > 1 or plan["axes"]["protocol"] == "per_task")
@@ -631,7 +616,7 @@ def format_plan(plan: Mapping[str, Any]) -> str:
     tokens = plan["generated_tokens"]
     axes = plan.get("axes")
     lines = [
-        f"study {plan['study']}: {plan['model']}",
+        f"study {plan['study']}: {plan['model']}" + (f" ({plan['model_setup']})" if "model_setup" in plan else ""),
         f"  variants   {len(variants)}: {shown}",
         f"  trials     {trials}",
     ]

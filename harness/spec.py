@@ -4,8 +4,9 @@ Why a schema of its own: a study is a week of GPU time, so a typo must fail in a
 that says where (file and YAML line), what (the field path) and why, never a traceback or a silently
 ignored key. Every section forbids unknown keys and suggests the closest valid name.
 
-The component sections mirror ``unisd_components.config`` field by field (they are generated from it,
-so a hyperparameter added there is valid here), and every hyperparameter may be a fixed value or a
+The component sections mirror the mechanisms' configs field by field (they are generated from the
+mechanism registry, so a mechanism or a hyperparameter added there is valid here, and the benchmark
+names come from ``harness.data``'s records), and every hyperparameter may be a fixed value or a
 search space::
 
     method:
@@ -48,23 +49,17 @@ from pydantic import (
 )
 
 from harness._yaml import LocationMap, load_yaml_with_lines
+from harness.data.registry import freeze_benchmarks
 from harness.errors import SpecError
-from unisd_components.config import (
-    COMPONENT_NAMES,
-    AgreementConfig,
-    ClippingConfig,
-    ContrastiveConfig,
-    EMAConfig,
-    FeatureMatchingConfig,
-    GKDConfig,
-    TrainingConfig,
-    VariantConfig,
-)
+from unisd_components.config import COMPONENT_NAMES, GKDConfig, TrainingConfig, VariantConfig
+from unisd_components.presets import PRESETS
+from unisd_components.registry import mechanisms
 
 __all__ = [
     "BASELINES",
     "BENCHMARKS",
     "COMPONENT_CONFIGS",
+    "COMPONENT_SECTIONS",
     "EVAL_ONLY_BENCHMARKS",
     "PRESET_COMPONENTS",
     "ChoiceSpace",
@@ -77,31 +72,24 @@ __all__ = [
     "spec_json_schema",
 ]
 
-BENCHMARKS: tuple[str, ...] = ("scienceqa", "gpqa", "mbpp", "humaneval", "cos_e", "toolalpaca", "gsm8k")
-EVAL_ONLY_BENCHMARKS: frozenset[str] = frozenset({"gpqa", "humaneval"})
-CODE_BENCHMARKS: frozenset[str] = frozenset({"mbpp", "humaneval"})
+# Every name list below derives from a registry: benchmarks from harness.data's records, components from
+# unisd_components.registry, presets from unisd_components.presets (none of them imports torch).
+_BENCHMARK_RECORDS = freeze_benchmarks("harness.spec (the benchmark literal)")
+BENCHMARKS: tuple[str, ...] = tuple(_BENCHMARK_RECORDS)
+EVAL_ONLY_BENCHMARKS: frozenset[str] = frozenset(n for n, b in _BENCHMARK_RECORDS.items() if not b.trainable)
+CODE_BENCHMARKS: frozenset[str] = frozenset(n for n, b in _BENCHMARK_RECORDS.items() if b.kind == "code")
 # The paper's transfer cells: the ScienceQA model is also scored on GPQA, the MBPP model on HumanEval.
 DEFAULT_TRANSFER: dict[str, tuple[str, ...]] = {"scienceqa": ("gpqa",), "mbpp": ("humaneval",)}
 BASELINES: tuple[str, ...] = ("base", "sft", "sdft", "gkd")
-COMPONENT_CONFIGS: dict[str, type[BaseModel]] = {
-    "agreement": AgreementConfig,
-    "contrastive": ContrastiveConfig,
-    "ema": EMAConfig,
-    "feature_matching": FeatureMatchingConfig,
-    "clipping": ClippingConfig,
-}
+COMPONENT_CONFIGS: dict[str, type[BaseModel]] = {name: m.config for name, m in mechanisms().items()}
 # The presets of unisd_components.presets and the components they enable (unisd-method.md section 2).
-# Kept here so validating a spec does not import the training stack; harness.plan checks they agree.
-PRESET_COMPONENTS: dict[str, tuple[str, ...]] = {
-    "unisd_star": ("agreement", "contrastive", "ema", "feature_matching"),
-    "unisd_star_paper": ("agreement", "contrastive", "ema", "feature_matching"),
-}
+PRESET_COMPONENTS: dict[str, tuple[str, ...]] = {name: v.enabled_components() for name, v in PRESETS.items()}
 METRICS_GLOBAL: tuple[str, ...] = ("mean.acc", "ppl_fit", "ppl_ret", "ret_jsd", "ppl_ret_reverse")
 
-Benchmark = Literal["scienceqa", "gpqa", "mbpp", "humaneval", "cos_e", "toolalpaca", "gsm8k"]
-ComponentName = Literal["agreement", "contrastive", "ema", "feature_matching", "clipping"]
+Benchmark = Literal[BENCHMARKS]  # type: ignore[valid-type]
+ComponentName = Literal[COMPONENT_NAMES]  # type: ignore[valid-type]
 BaselineName = Literal["base", "sft", "sdft", "gkd"]
-PresetName = Literal["unisd_star", "unisd_star_paper"]
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 
 
 class _Strict(BaseModel):
@@ -263,11 +251,12 @@ def _section_model(config: type[BaseModel], name: str, skip: tuple[str, ...] = (
     )
 
 
-AgreementSpec = _section_model(AgreementConfig, "AgreementSpec")
-ContrastiveSpec = _section_model(ContrastiveConfig, "ContrastiveSpec")
-EMASpec = _section_model(EMAConfig, "EMASpec")
-FeatureMatchingSpec = _section_model(FeatureMatchingConfig, "FeatureMatchingSpec")
-ClippingSpec = _section_model(ClippingConfig, "ClippingSpec")
+# One section per registered mechanism (AgreementSpec, EMASpec ...), named after its config class.
+COMPONENT_SECTIONS: dict[str, type[BaseModel]] = {
+    name: _section_model(config, config.__name__.removesuffix("Config") + "Spec")
+    for name, config in COMPONENT_CONFIGS.items()
+}
+globals().update({section.__name__: section for section in COMPONENT_SECTIONS.values()})  # for pickle
 GKDSpec = _section_model(GKDConfig, "GKDSpec")
 TrainingSpec = _section_model(TrainingConfig, "TrainingSpec", skip=("seed",))
 _ALPHA_TYPE, _ALPHA_FIELD = _hyperparameter(VariantConfig.model_fields["alpha"])
@@ -425,7 +414,7 @@ SubsetsType = Annotated[
 ]
 
 
-class PresetOverrideSpec(_Strict):
+class _PresetOverrideBase(_Strict):
     """Changes to one named preset (``method.preset_overrides.<preset>``); unset fields keep its values.
 
     Why a section of its own: a preset is a recipe with its own values (unisd-method.md section 2). The
@@ -435,14 +424,19 @@ class PresetOverrideSpec(_Strict):
 
     alpha: _ALPHA_TYPE = _ALPHA_FIELD  # type: ignore[valid-type]
     kl_to_base_beta: _KL_TYPE = _KL_FIELD  # type: ignore[valid-type]
-    agreement: AgreementSpec | None = None  # type: ignore[valid-type]
-    contrastive: ContrastiveSpec | None = None  # type: ignore[valid-type]
-    ema: EMASpec | None = None  # type: ignore[valid-type]
-    feature_matching: FeatureMatchingSpec | None = None  # type: ignore[valid-type]
-    clipping: ClippingSpec | None = None  # type: ignore[valid-type]
 
 
-class MethodSpec(_Strict):
+# One optional section per registered mechanism, as in MethodSpec.
+PresetOverrideSpec = create_model(
+    "PresetOverrideSpec",
+    __base__=_PresetOverrideBase,
+    __module__=__name__,
+    __doc__=_PresetOverrideBase.__doc__,
+    **{name: (section | None, None) for name, section in COMPONENT_SECTIONS.items()},
+)
+
+
+class _MethodSpecBase(_Strict):
     """Which variants to train: baselines, component subsets, presets, and their hyperparameters.
 
     The component sections (``agreement``, ``ema`` ...) and ``alpha``/``kl_to_base_beta`` apply to the
@@ -466,12 +460,7 @@ class MethodSpec(_Strict):
     )
     alpha: _ALPHA_TYPE = _ALPHA_FIELD  # type: ignore[valid-type]
     kl_to_base_beta: _KL_TYPE = _KL_FIELD  # type: ignore[valid-type]
-    agreement: AgreementSpec | None = None  # type: ignore[valid-type]
-    contrastive: ContrastiveSpec | None = None  # type: ignore[valid-type]
-    ema: EMASpec | None = None  # type: ignore[valid-type]
-    feature_matching: FeatureMatchingSpec | None = None  # type: ignore[valid-type]
-    clipping: ClippingSpec | None = None  # type: ignore[valid-type]
-    gkd: GKDSpec | None = Field(None, description="GKD baseline: beta (JSD interpolation), lmbda")  # type: ignore[valid-type]
+    # then one section per mechanism and gkd: see MethodSpec below
 
     @field_validator("baselines", "presets", "components")
     @classmethod
@@ -496,7 +485,7 @@ class MethodSpec(_Strict):
         return names
 
     @model_validator(mode="after")
-    def _consistent(self) -> MethodSpec:
+    def _consistent(self) -> _MethodSpecBase:
         if self.subsets != "all":
             seen: list[tuple[str, ...]] = []
             for i, subset in enumerate(self.subsets):
@@ -538,6 +527,18 @@ class MethodSpec(_Strict):
                 ("gkd",), "gkd parameters without the gkd baseline (add gkd to method.baselines)"
             )
         return self
+
+
+# The component sections derive from the mechanism registry (field order: the static fields above, the
+# mechanisms in canonical order, then gkd).
+MethodSpec = create_model(
+    "MethodSpec",
+    __base__=_MethodSpecBase,
+    __module__=__name__,
+    __doc__=_MethodSpecBase.__doc__,
+    **{name: (section | None, None) for name, section in COMPONENT_SECTIONS.items()},
+    gkd=(GKDSpec | None, Field(None, description="GKD baseline: beta (JSD interpolation), lmbda")),
+)
 
 
 class EvaluationSpec(_Strict):
@@ -713,7 +714,7 @@ class StudySpec(_Strict):
         return out
 
     def metric_names(self) -> list[str]:
-        names = [f"{b}.{'pass_at_1' if b in CODE_BENCHMARKS else 'acc'}" for b in self.evaluation.benchmarks]
+        names = [f"{b}.{_BENCHMARK_RECORDS[b].metric}" for b in self.evaluation.benchmarks]
         names.append("mean.acc")
         if self.evaluation.ppl_fit:
             names.append("ppl_fit")

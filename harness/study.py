@@ -42,6 +42,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness import optuna_compat
 from harness.errors import HarnessError
 from harness.progress import LineProgress, RichProgress, StudyProgress
 
@@ -261,13 +262,13 @@ class _Heartbeat:
         self._thread = None
         if url.startswith(("sqlite", JOURNAL_SCHEME)):
             return
-        self._storage, self._trial_id = study._storage, trial_id
+        self._study, self._trial_id = study, trial_id
         self._beat()
         self._thread = threading.Thread(target=self._loop, name="trial-heartbeat", daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
-        self._storage.set_trial_user_attr(self._trial_id, "heartbeat", time.time())
+        optuna_compat.set_user_attr(self._study, self._trial_id, "heartbeat", time.time())
 
     def _loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -300,17 +301,16 @@ def reconcile(
     from harness import tracking as mltrack
 
     repaired = {"interrupted": 0, "enqueued": 0, "dropped": 0}
-    storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not _is_stale(trial):
             continue
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", INTERRUPTED)
-        storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        optuna_compat.set_user_attr(study, trial, "fail_reason", INTERRUPTED)
+        optuna_compat.set_state(study, trial, TrialState.FAIL)
         repaired["interrupted"] += 1
     for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         if trial.user_attrs.get("point_key") not in points:  # the spec changed since it was enqueued
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", "point no longer in the spec")
-            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            optuna_compat.set_user_attr(study, trial, "fail_reason", "point no longer in the spec")
+            optuna_compat.set_state(study, trial, TrialState.FAIL)
             repaired["dropped"] += 1
     trials = study.get_trials(deepcopy=False)
     covered = {
@@ -354,16 +354,12 @@ class _WorkerArgs:
 
 def _claim_waiting(study: optuna.Study) -> optuna.Trial | None:
     """Atomically move one WAITING trial to RUNNING (the storage's compare-and-set), as Study.ask does."""
-    import optuna
     from optuna.trial import TrialState
 
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        try:
-            if not study._storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-        return optuna.Trial(study, frozen._trial_id)
+        trial = optuna_compat.claim_waiting(study, frozen)
+        if trial is not None:
+            return trial
     return None
 
 
@@ -428,9 +424,8 @@ def _run_one(
     number = trial.number
     summary = dict(point_summary(point))
     variant = str(summary.get("variant", "?"))
-    storage = study._storage
     for key, value in {"point_key": point_key(point), **summary}.items():
-        storage.set_trial_user_attr(trial._trial_id, key, value)
+        trial.set_user_attr(key, value)
     progress.trial_start(number, variant)
     started = time.perf_counter()
     run = TrialRun.start(
@@ -446,7 +441,7 @@ def _run_one(
             k: summary[k] for k in ("model", "train_task", "variant_kind") if summary.get(k) is not None
         },
     )
-    storage.set_trial_user_attr(trial._trial_id, "mlflow_run_id", run.run_id)
+    trial.set_user_attr("mlflow_run_id", run.run_id)
     trial_dir = spec.output_path.resolve() / "trials" / str(number)
     trial_dir.mkdir(parents=True, exist_ok=True)
     ctx = TrialContext(
@@ -461,8 +456,8 @@ def _run_one(
     )
 
     def fail(reason: str, *, user: bool = False) -> None:
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-        storage.set_trial_user_attr(trial._trial_id, "seconds", time.perf_counter() - started)
+        trial.set_user_attr("fail_reason", reason)
+        trial.set_user_attr("seconds", time.perf_counter() - started)
         study.tell(trial, state=TrialState.FAIL)
         run.finish("INTERRUPTED" if user else "FAIL", reason)
         progress.trial_end(number, variant, "FAIL", time.perf_counter() - started, reason)
@@ -471,7 +466,7 @@ def _run_one(
         metrics = dict(trial_fn(point, spec, ctx))
         values = _objective_values(spec, metrics)
     except optuna.TrialPruned as pruned:
-        storage.set_trial_user_attr(trial._trial_id, "seconds", time.perf_counter() - started)
+        trial.set_user_attr("seconds", time.perf_counter() - started)
         study.tell(trial, state=TrialState.PRUNED)
         run.finish("PRUNED", str(pruned) or None)
         progress.trial_end(number, variant, "PRUNED", time.perf_counter() - started)
@@ -495,7 +490,7 @@ def _run_one(
         k: float(metrics[k]) for k in ("train_seconds", "eval_seconds", "generated_tokens") if k in metrics
     }
     for key, value in {**timing, "seconds": seconds}.items():
-        storage.set_trial_user_attr(trial._trial_id, key, value)
+        trial.set_user_attr(key, value)
     study.tell(trial, values)
     run.finish("COMPLETE")
     shown = ", ".join(f"{o.metric}={v:.4g}" for o, v in zip(spec.search.objectives, values, strict=True))
@@ -522,22 +517,22 @@ def _worker_loop(args: _WorkerArgs, progress: StudyProgress) -> int:
     while True:
         trial = _claim_waiting(study)
         if trial is not None:
-            study._storage.set_trial_user_attr(trial._trial_id, "owner", _owner_record())
+            trial.set_user_attr("owner", _owner_record())
             key = trial.user_attrs.get("point_key")
             point = points.get(key)
             duplicate = _duplicate_of(study, trial.number, key)
             if point is None or duplicate is not None:
                 reason = f"unknown point {key!r}" if point is None else f"duplicate of trial {duplicate}"
-                study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+                trial.set_user_attr("fail_reason", reason)
                 study.tell(trial, state=_fail_state())
                 continue
         elif _search_budget_left(study, spec, args.started_at):
             trial = study.ask()
-            study._storage.set_trial_user_attr(trial._trial_id, "owner", _owner_record())
+            trial.set_user_attr("owner", _owner_record())
             point = suggest_point(trial, spec)
         else:
             return ran
-        heartbeat = _Heartbeat(study, trial._trial_id, args.storage_url)
+        heartbeat = _Heartbeat(study, optuna_compat.trial_id(trial), args.storage_url)
         try:
             _run_one(study, trial, point, args, progress)
         finally:

@@ -21,14 +21,13 @@ Example::
     run.log_step(1, {"loss": 0.7})
     run.log_metrics({"mean.acc": 0.4})
     run.finish("COMPLETE")
-    load_results(spec)          # pandas DataFrame, one row per trial (see contracts: "Study results table")
+    load_results(spec)          # pandas DataFrame, one row per trial (columns: see load_results)
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import subprocess
 import time
 from collections.abc import Mapping
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from harness.errors import HarnessError
+from harness.metric_names import normalise_metric_name
 from unisd_components.config import COMPONENT_NAMES
 
 if TYPE_CHECKING:
@@ -69,14 +69,6 @@ _PARENT_TAG = "mlflow.parentRunId"
 _MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
 _VERSIONED = ("unisd-harness", "torch", "transformers", "peft", "optuna", "mlflow", "lm_eval", "pandas")
 _MAX_PARAM = 6000  # MLflow's limit on a param value's length
-
-
-def normalise_metric_name(name: str) -> str:
-    """A metric key MLflow accepts: lm-eval's ``acc,none`` -> ``acc``, ``pass@1`` -> ``pass_at_1``."""
-    name = name.replace("@", "_at_")
-    head, _, filt = name.partition(",")
-    name = head if filt in ("", "none") else f"{head}_{filt}"
-    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
 
 
 def _client(uri: str):
@@ -395,7 +387,7 @@ _AXIS_TAGS = ("model", "train_task", "variant_kind")
 
 
 def load_results(spec: StudySpec, output_dir: str | Path | None = None) -> pd.DataFrame:
-    """One row per trial of the study, as "Study results table" in contracts.md.
+    """One row per trial of the study (the table the report analyses).
 
     Columns: trial, state, variant, family, seed, one 0/1 column per component, ``param.<name>`` for
     each hyperparameter, the evaluation metrics (normalised names), train_seconds, generated_tokens,

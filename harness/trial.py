@@ -26,20 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.data.training import load_train_examples
 from harness.progress import StudyProgress
 
 if TYPE_CHECKING:
-    from harness.spec import DataSpec, LoRASpec, StudySpec
+    from harness.spec import StudySpec
     from harness.tracking import TrialRun
 
-__all__ = [
-    "TrialContext",
-    "load_train_examples",
-    "reset_process_state",
-    "run_trial",
-    "warm_up",
-    "with_spec_lora",
-]
+__all__ = ["TrialContext", "run_trial", "warm_up"]
 
 # Dev-set evaluations that feed the pruner, per trial (at evenly spaced optimizer steps).
 PRUNING_REPORTS = 4
@@ -64,7 +58,6 @@ class TrialContext:
 
 
 _BASE: dict[tuple, tuple[Any, Any]] = {}
-_TRAIN_EXAMPLES: dict[tuple, list] = {}
 
 
 def _base_model(spec: StudySpec):
@@ -76,27 +69,6 @@ def _base_model(spec: StudySpec):
         _BASE.clear()  # one base model per process, whatever the study
         _BASE[key] = load_model(spec.model.ref, device=spec.model.device, dtype=spec.model.dtype)
     return _BASE[key]
-
-
-def load_train_examples(data: DataSpec) -> list:
-    """The data section's training examples as the trainer's records (one list per process, reused)."""
-    from harness.data import load_benchmark
-
-    key = (tuple(data.train), data.train_size, data.split_seed, data.data_dir)
-    if key not in _TRAIN_EXAMPLES:
-        examples = []
-        for name in data.train:
-            for ex in load_benchmark(
-                name,
-                "train",
-                data_dir=data.data_dir,
-                limit=data.train_size,
-                seed=data.split_seed,
-            ):
-                examples.append(ex.to_training_example())
-        _TRAIN_EXAMPLES.clear()
-        _TRAIN_EXAMPLES[key] = examples
-    return _TRAIN_EXAMPLES[key]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,47 +214,33 @@ def _dev_metric(spec: StudySpec) -> str:
     return "mean.acc" if objective.direction == "maximize" else "ppl_fit"
 
 
-def with_spec_lora(model, lora: LoRASpec):
-    """``model`` with fresh LoRA adapters when the spec's ``model.lora`` asks for them, else unchanged."""
-    if not lora.enabled:
-        return model
-    from unisd_components.lora import apply_lora
-
-    return apply_lora(model, lora.r, lora.alpha, lora.target_modules, dropout=lora.dropout)
-
-
 def _trainable_copy(base, spec: StudySpec):
     """A copy of the base model to train, with fresh LoRA adapters when the spec asks for them."""
+    from harness.models import with_spec_lora
+
     return with_spec_lora(copy.deepcopy(base), spec.model.lora)
 
 
 def _train_in_processes(base, spec: StudySpec, variant, training, ctx: TrialContext, callback):
     """Train over ``ctx.processes`` GPUs in launched processes; return ``(trained model, TrainResult)``,
-    the model being a copy of ``base`` with the weights the processes saved."""
-    import torch
-
-    from harness.data_parallel import train_in_processes
+    the model being a copy of ``base`` (made once the processes are done) with the weights they saved."""
+    from harness.data_parallel import load_trained_weights, train_in_processes
 
     ctx.progress.trial_phase(f"training over {ctx.processes} processes")
     if ctx.run is not None:  # the global batch is processes x training.batch_size: part of the result
         ctx.run.set_tags({"gpus_per_trial": ctx.processes})
-    trained, result = train_in_processes(
+    work_dir = ctx.trial_dir / "data_parallel"
+    result = train_in_processes(
         ctx.processes,
         spec,
         variant,
         training,
-        work_dir=ctx.trial_dir / "data_parallel",
+        work_dir=work_dir,
         cache_dir=ctx.cache_dir / "train",
         callback=callback,
     )
     model = _trainable_copy(base, spec)
-    params = dict(model.named_parameters())
-    unknown = sorted(set(trained) - set(params))
-    if unknown:
-        raise RuntimeError(f"the trained weights do not fit the model: unknown tensors {unknown[:3]}")
-    with torch.no_grad():
-        for name, tensor in trained.items():
-            params[name].copy_(tensor)
+    load_trained_weights(model, work_dir)
     return model, result
 
 
@@ -373,9 +331,3 @@ def warm_up(spec: StudySpec) -> None:
         load_train_examples(spec.data)
     import harness.evaluation.lmeval  # noqa: F401  (lm-eval's import takes seconds)
     import unisd_components.trainer  # noqa: F401
-
-
-def reset_process_state() -> None:
-    """Forget the cached base model and examples (tests; a study with another model)."""
-    _BASE.clear()
-    _TRAIN_EXAMPLES.clear()

@@ -61,26 +61,30 @@ def test_every_shipped_study_validates(capsys, study):
     code, out, err = _run(capsys, "validate", str(study))
     assert code == 0, err
     assert f"{study}: valid" in out
-    for label in ("variants", "trials", "evaluate", "seeds", "sampler"):
+    for label in ("variants", "trials", "evaluate", "seeds", "objectives", "GPU hours"):
         assert label in out
 
 
 def test_summary_counts_smoke_and_full_ablation(capsys):
     _, out, _ = _run(capsys, "validate", str(REPO / "studies" / "smoke.yaml"))
-    assert "variants    4:" in out and "trials      4 (4 points x 1 seed(s))" in out
-    assert "evaluate    scienceqa, mbpp (4 per benchmark)" in out
+    assert "variants   4:" in out and "trials     4 (4 variants x 1 seed(s), grid)" in out
+    assert "evaluate   scienceqa, mbpp (8 examples per trial)" in out
     _, out, _ = _run(capsys, "validate", str(REPO / "studies" / "full_ablation.yaml"))
-    assert "variants    36:" in out
-    assert (
-        "trials      842 (2 model(s) x 4 task(s) x 35 trained variant(s) x 3 seed(s) = 840, + 2 base" in out
-    )
-    assert "protocol    per_task" in out and "llama-3.1-8b = meta-llama/Llama-3.1-8B-Instruct" in out
+    assert "variants   36:" in out and "trials     842 (grid over the axes below)" in out
+    assert "2 model(s) x 4 training task(s) x 35 trained variant(s) x 3 seed(s) = 840 trained trials" in out
+    assert "protocol   per_task: scienceqa -> scienceqa, gpqa" in out and "llama-3.1-8b" in out
+    # the same lines as the dry-run plan: one formatter
+    from harness.plan import describe_plan, format_plan
+    from harness.spec import load_spec
+
+    plan = format_plan(describe_plan(load_spec(REPO / "studies" / "full_ablation.yaml")))
+    assert out == f"{REPO / 'studies' / 'full_ablation.yaml'}: valid\n{plan}\n"
 
 
 def test_valid_minimal_spec(capsys, tmp_path):
     code, out, _ = _run(capsys, "validate", str(_write(tmp_path, VALID)))
     assert code == 0
-    assert "variants    3: base, sft, unisd[ema]" in out
+    assert "variants   3: base, sft, unisd[ema]" in out
 
 
 def test_missing_file(capsys, tmp_path):
@@ -161,7 +165,7 @@ def test_unknown_benchmark_lists_the_valid_ones(capsys, tmp_path):
     line = _fails(capsys, path)
     assert line == (
         f"{path}:15: evaluation.benchmarks[1]: unknown value 'mmlu'; "
-        "valid: scienceqa, gpqa, mbpp, humaneval, cos_e, toolalpaca, gsm8k"
+        "valid: scienceqa, gpqa, mbpp, humaneval, cos_e, toolalpaca"
     )
 
 
@@ -389,5 +393,6 @@ def test_axes_spec_validates_and_summarises(capsys, tmp_path):
     code, out, _ = _run(capsys, "validate", str(_write(tmp_path, AXES)))
     assert code == 0, out
     # 2 models x 2 tasks x (sft, unisd[ema]) x 1 seed + base once per model
-    assert "trials      10 (2 model(s) x 2 task(s) x 2 trained variant(s) x 1 seed(s) = 8, + 2 base" in out
-    assert "a = tiny-random:llama" in out and "b = tiny-random:qwen2" in out
+    assert "trials     10 (grid over the axes below)" in out
+    assert "2 model(s) x 2 training task(s) x 2 trained variant(s) x 1 seed(s) = 8 trained trials" in out
+    assert "models     a, b" in out and "tiny-random:llama, tiny-random:qwen2" in out

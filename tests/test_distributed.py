@@ -200,8 +200,9 @@ def test_a_trial_trains_over_two_launched_processes_like_one_process(tmp_path, d
     batch 4."""
     from types import SimpleNamespace
 
+    from harness.data.training import load_train_examples
     from harness.spec import DataSpec, ModelSpec
-    from harness.trial import TrialContext, _train_in_processes, load_train_examples
+    from harness.trial import TrialContext, _train_in_processes
     from unisd_components.trainer import train_variant
 
     spec = SimpleNamespace(

@@ -161,3 +161,18 @@ def test_bundled_smollm2_all_six_benchmarks(tmp_path, data_dir):
         for r in rows
         if r["benchmark"] in ("mbpp", "humaneval")
     )
+
+
+def test_evaluation_and_tracking_name_metrics_alike():
+    """One normaliser: lm-eval's ``pass@1,<filter>`` is ``<bench>.pass_at_1`` in the evaluation's metrics,
+    and the tracking layer (which sends every metric to MLflow) leaves that name as it is; two filters of
+    one metric stay apart instead of overwriting each other."""
+    from harness.tracking import normalise_metric_name
+
+    got = normalise_metrics({"unisd_mbpp": {"pass@1,create_test": 0.5}}, {"unisd_mbpp": "mbpp"})
+    assert got == {"mbpp.pass_at_1": 0.5, "mean.acc": 0.5}
+    assert all(normalise_metric_name(name) == name for name in got)
+    two = normalise_metrics(
+        {"unisd_scienceqa": {"acc,none": 1.0, "acc,flex": 0.0}}, {"unisd_scienceqa": "scienceqa"}
+    )
+    assert two == {"scienceqa.acc": 1.0, "scienceqa.acc_flex": 0.0, "mean.acc": 1.0}

@@ -1,4 +1,4 @@
-"""Scoring rules: letter extraction on tricky outputs, code extraction, pass@k, the canonical solutions of
+"""Scoring rules: letter extraction on tricky outputs, code extraction, the canonical solutions of
 HumanEval and MBPP through the sandbox, and tool-call accuracy on ToolAlpaca's real golden answers."""
 
 from __future__ import annotations
@@ -6,21 +6,19 @@ from __future__ import annotations
 import gzip
 import json
 import random
-from math import comb
 from pathlib import Path
 
 import pytest
 
 from harness.evaluation.metrics import (
     build_program,
-    code_pass_at_k,
     extract_choice_letter,
     extract_code,
     parse_arguments,
     parse_tool_calls,
-    score_code,
     tool_call_correct,
 )
+from harness.evaluation.sandbox import run_programs
 
 # --- multiple choice ------------------------------------------------------------------------------------
 
@@ -81,22 +79,6 @@ def test_extract_code_other_fences_unclosed_and_raw():
     assert extract_code("") == ""
 
 
-@pytest.mark.parametrize(
-    ("n", "c", "k"), [(1, 0, 1), (1, 1, 1), (10, 3, 1), (10, 3, 5), (20, 0, 5), (5, 5, 2)]
-)
-def test_pass_at_k_matches_the_binomial_formula(n, c, k):
-    assert code_pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k))
-
-
-def test_pass_at_k_is_stable_for_large_n_and_checks_its_arguments():
-    value = code_pass_at_k(2000, 7, 100)
-    assert 0 < value < 1 and value == pytest.approx(1 - comb(1993, 100) / comb(2000, 100))
-    assert code_pass_at_k(10, 3, 1) == pytest.approx(0.3)
-    for bad in [(5, 6, 1), (5, 1, 0), (5, 1, 6), (5, -1, 1)]:
-        with pytest.raises(ValueError):
-            code_pass_at_k(*bad)
-
-
 def test_build_program_appends_the_tests():
     program = build_program("```python\ndef f():\n    return 2\n```", "assert f() == 2")
     assert program == "def f():\n    return 2\n\n\nassert f() == 2\n"
@@ -120,6 +102,13 @@ def mbpp_problems(data_dir: Path) -> list[dict]:
 
 def mbpp_tests(problem: dict) -> str:
     return "\n".join([*problem["test_imports"], *problem["test_list"]])
+
+
+def score_code(completions, tests, timeout: float = 10.0, *, entry_points=None) -> list[bool]:
+    """What the code tasks do with each completion: ``build_program``, then the sandbox."""
+    entry_points = entry_points or [None] * len(completions)
+    programs = [build_program(c, t, e) for c, t, e in zip(completions, tests, entry_points, strict=True)]
+    return [result.passed for result in run_programs(programs, timeout=timeout)]
 
 
 def fenced(code: str) -> str:

@@ -28,8 +28,18 @@ def test_dtype_and_device_resolution():
     assert resolve_dtype("float16", "cpu") == torch.float16
     with pytest.raises(HarnessError, match="unknown dtype"):
         resolve_dtype("fp8", "cpu")
-    if not torch.cuda.is_available():
-        assert resolve_device(None).type == "cpu"
+    assert resolve_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize("has_cuda", [False, True])
+def test_device_resolution_with_and_without_cuda(monkeypatch, has_cuda):
+    """Both branches run on every machine: CUDA's presence is what resolve_device asks torch."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: has_cuda)
+    assert resolve_device(None).type == ("cuda" if has_cuda else "cpu")
+    assert resolve_device("auto").type == ("cuda" if has_cuda else "cpu")
+    if has_cuda:
+        assert resolve_device("cuda:1") == torch.device("cuda:1")
+    else:
         with pytest.raises(HarnessError, match="no CUDA"):
             resolve_device("cuda")
 

@@ -27,7 +27,6 @@ from unisd_components.registry import (
     StepScores,
     build_components,
 )
-from unisd_components.trainer import TrainingExample, train_variant
 
 
 def _scores(B=2, T=4, V=6, H=3, seed=0) -> StepScores:
@@ -128,29 +127,15 @@ def test_feature_matching_gradient_reaches_the_student_only():
     assert scores.teacher_hidden.grad is None
 
 
-class _ShiftedClipping(ClippingComponent):
-    """A replacement mechanism installed through the registry alone: adds a constant term."""
-
-    def loss_terms(self, scores, metrics):
-        metrics["shift_called"] = 1.0
-        return {"shift": scores.student_token_logps.sum() * 0.0 + 1.25}
+# Adding a mechanism (not replacing one) with no other edit: tests/test_extension.py registers a toy
+# sixth mechanism and runs a whole study with it.
 
 
-def test_a_registry_entry_is_all_the_trainer_needs(tiny_model_and_tokenizer, monkeypatch, tmp_path):
-    monkeypatch.setitem(registry_module.REGISTRY, "clipping", _ShiftedClipping)
-    model, tok = tiny_model_and_tokenizer
-    examples = [
-        TrainingExample(
-            id=f"r{i}", messages=[{"role": "user", "content": f"Say {i}."}], demonstration=f"{i}."
-        )
-        for i in range(2)
-    ]
-    from unisd_components.config import TrainingConfig
+def test_mechanisms_are_ordered_and_refuse_duplicates():
+    from unisd_components.registry import mechanisms, register_mechanism
 
-    training = TrainingConfig(max_steps=1, batch_size=2, max_completion_tokens=4)
-    result = train_variant(
-        model, tok, examples, VariantConfig(clipping=ClippingConfig()), training, cache_dir=tmp_path
-    )
-    row = result.history[0]
-    assert row["shift_called"] == 1.0 and row["loss_shift"] == 1.25
-    assert row["loss"] == pytest.approx(row["loss_divergence"] + 1.25)
+    assert [m.component.__module__ for m in mechanisms().values()] == list(registry_module.BUILTIN_MODULES)
+    with pytest.raises(ValueError, match="mechanism 'clipping' is already registered"):
+        register_mechanism(AgreementConfig, ClippingComponent)
+    with pytest.raises(TypeError, match="must subclass"):
+        register_mechanism(AgreementConfig, object)

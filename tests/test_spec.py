@@ -157,12 +157,14 @@ def test_sections_mirror_the_component_configs():
     assert tuple(COMPONENT_CONFIGS) == COMPONENT_NAMES
 
 
-def test_preset_components_match_unisd_components():
+def test_every_preset_is_a_valid_spec_preset_with_its_components(tmp_path):
     from unisd_components.presets import PRESETS
 
-    assert set(PRESETS) == set(PRESET_COMPONENTS)
     for name, variant in PRESETS.items():
-        assert variant.enabled_components() == PRESET_COMPONENTS[name]
+        text = PARENT.replace("subsets: [[ema], agreement+ema]", f"subsets: [[ema]]\n  presets: [{name}]")
+        spec = load_spec(_write(tmp_path, text, f"{name}.yaml"))
+        assert PRESET_COMPONENTS[name] == variant.enabled_components()
+        assert spec.method.enabled_anywhere() == {"ema", *variant.enabled_components()}
 
 
 def test_subsets_all_respects_the_component_pool(tmp_path):
@@ -180,7 +182,9 @@ def test_subset_strings_are_canonicalised_and_duplicates_refused(tmp_path):
 
 
 def test_a_spec_built_in_code_is_validated_too():
-    with pytest.raises(ValueError):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="unknown bundled model 'bundled:other'"):
         StudySpec.model_validate(
             {
                 "name": "x",
@@ -235,3 +239,12 @@ def test_fixed_spec_data_with_a_chosen_subset(tmp_path):
     names = [p.name for p in grid_points(pinned) if p.seed == 0]
     assert names == ["base", "sft", "unisd[agreement+ema]"]
     assert grid_points(pinned)[-1].variant.ema.beta == 0.6
+
+
+def test_a_spec_with_every_section_pickles_for_worker_processes():
+    """Workers are spawned processes: the spec, its generated section classes included, must pickle."""
+    import pickle
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "studies" / "full_ablation.yaml")
+    assert all(getattr(spec.method, name) is not None for name in ("agreement", "ema"))
+    assert pickle.loads(pickle.dumps(spec)) == spec

@@ -19,6 +19,7 @@ from harness.data.prompts import MC_INSTRUCTION
 from harness.evaluation.retention import render_prompt
 from harness.evaluation.tasks import TASKS_DIR
 from harness.evaluation.tasks._common import CODE_PREFIX, LL_INSTRUCTION, sandbox_filter
+from unisd_components.chat import encode_prompt
 
 LIMIT = 4
 ALL_TASKS = [f"unisd_{b}" for b in BENCHMARKS] + [
@@ -76,6 +77,9 @@ def test_chat_rendering_matches_training(loaded_tasks, bundled_tokenizer, data_d
 
     context = lm_task.fewshot_context(doc, num_fewshot=0, apply_chat_template=True, chat_template=template)
     assert context == render_prompt(bundled_tokenizer, ex.messages)
+    # and the trainer's encoder turns the training record of the same example into the same tokens
+    training_ids = encode_prompt(bundled_tokenizer, ex.to_training_example().messages, limit=4096)
+    assert training_ids == bundled_tokenizer(context, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("task", ["unisd_scienceqa", "unisd_gpqa", "unisd_cos_e"])

@@ -1,7 +1,8 @@
 """Configuration of a UniSD variant: which mechanisms are on, with which hyperparameters.
 
 A variant is data, not code: a method (``sft``, ``sdft``, ``gkd``) plus, for ``sdft``, any subset of the
-five mechanisms, each with its own Pydantic config. The trainer composes whatever is set; a mechanism
+registered mechanisms (:mod:`unisd_components.registry`), each with its own Pydantic config declared in
+its mechanism module (re-exported here). The trainer composes whatever is set; a mechanism
 whose field is ``None`` is off. Defaults are those of ``unisd-method.md``.
 
 Example::
@@ -15,7 +16,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from unisd_components.mechanisms.agreement import AgreementConfig
+from unisd_components.mechanisms.clipping import ClippingConfig
+from unisd_components.mechanisms.contrastive import ContrastiveConfig
+from unisd_components.mechanisms.ema import EMAConfig
+from unisd_components.mechanisms.feature_matching import FeatureMatchingConfig
+from unisd_components.registry import mechanisms
 
 __all__ = [
     "AgreementConfig",
@@ -34,49 +42,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class AgreementConfig(_Strict):
-    """Mechanism 1: multi-teacher agreement weights from K extra few-shot contexts."""
-
-    level: Literal["token", "sequence"] = "token"
-    k: int = Field(3, ge=2, le=8, description="number of extra teacher contexts")
-    strategy: Literal["random", "retrieval", "induction"] = "retrieval"
-    gamma: float = Field(1.0, gt=0, description="disagreement sharpness")
-    stat: Literal["var", "range"] = "var"
-    quantile: float = Field(0.95, gt=0, le=1, description="token level: normaliser quantile of d")
-    cap: float = Field(10.0, gt=0, description="token level: cap of the normalised disagreement")
-    floor: float = Field(0.01, ge=0, lt=1, description="token level: minimum weight")
-    n_shots: int = Field(1, ge=1, le=4, description="donor demonstrations per context")
-
-
-class ContrastiveConfig(_Strict):
-    """Mechanism 2: token-level hinge against a negative (wrong-demonstration) teacher."""
-
-    weight: float = Field(0.1, ge=0, description="lambda_c")
-    margin: float = Field(0.5, ge=0)
-
-
-class EMAConfig(_Strict):
-    """Mechanism 3: EMA teacher, phi <- beta*phi + (1-beta)*theta every sync_steps optimizer steps."""
-
-    beta: float = Field(0.9, ge=0, lt=1)
-    sync_steps: int = Field(10, ge=1)
-
-
-class FeatureMatchingConfig(_Strict):
-    """Mechanism 4: final-layer hidden-state MSE against the teacher at completion positions."""
-
-    weight: float = Field(0.1, ge=0, description="lambda_f")
-    match_repr: bool = Field(False, description="use the feature term alone, without the divergence")
-
-
-class ClippingConfig(_Strict):
-    """Mechanism 5: cap each token's divergence, statically or at a per-batch quantile."""
-
-    mode: Literal["adaptive", "static"] = "adaptive"
-    quantile: float = Field(0.99, gt=0, le=1)
-    cap: float = Field(10.0, gt=0)
-
-
 class GKDConfig(_Strict):
     """GKD baseline: generalized JSD with a fraction ``lmbda`` of on-policy student samples."""
 
@@ -84,21 +49,21 @@ class GKDConfig(_Strict):
     lmbda: float = Field(0.5, ge=0, le=1, description="fraction of batches sampled on-policy")
 
 
-COMPONENT_NAMES: tuple[str, ...] = ("agreement", "contrastive", "ema", "feature_matching", "clipping")
+# Every mechanism of the registry, in canonical order; each is also the VariantConfig field of its config.
+_MECHANISMS = mechanisms(freeze="unisd_components.config (COMPONENT_NAMES, VariantConfig)")
+COMPONENT_NAMES: tuple[str, ...] = tuple(_MECHANISMS)
 
 
-class VariantConfig(_Strict):
-    """One trainable variant. ``method='sdft'`` with no component set is the plain SDFT baseline."""
+class _VariantBase(_Strict):
+    """One trainable variant. ``method='sdft'`` with no component set is the plain SDFT baseline.
+
+    Besides the fields below, one optional field per registered mechanism (``agreement``, ``ema`` ...)
+    holds its config; None is off.
+    """
 
     method: Literal["sft", "sdft", "gkd"] = "sdft"
     alpha: float = Field(0.0, ge=0, le=1, description="0 forward KL(T||S), 1 reverse KL, else JSD")
     kl_to_base_beta: float = Field(0.0, ge=0, description="beta of the optional k3 regulariser")
-    agreement: AgreementConfig | None = None
-    contrastive: ContrastiveConfig | None = None
-    ema: EMAConfig | None = None
-    feature_matching: FeatureMatchingConfig | None = None
-    clipping: ClippingConfig | None = None
-    gkd: GKDConfig | None = None
 
     @model_validator(mode="after")
     def _check_method(self) -> VariantConfig:
@@ -117,6 +82,17 @@ class VariantConfig(_Strict):
             return self.method
         enabled = self.enabled_components()
         return "sdft" if not enabled else "unisd[" + "+".join(enabled) + "]"
+
+
+# The mechanism fields are derived from the registry (then gkd, the baseline's own settings, last).
+VariantConfig = create_model(
+    "VariantConfig",
+    __base__=_VariantBase,
+    __module__=__name__,
+    __doc__=_VariantBase.__doc__,
+    **{name: (m.config | None, None) for name, m in _MECHANISMS.items()},
+    gkd=(GKDConfig | None, None),
+)
 
 
 class TrainingConfig(_Strict):

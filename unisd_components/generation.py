@@ -1,7 +1,7 @@
 """Batched sampling of chat completions as text: induced instructions, negative demonstrations.
 
 Left padding (so every row's generation starts right after its own prompt), the KV cache, the
-tokenizer's chat template with the generation prompt, and a seeded RNG that does not disturb the
+prompts rendered as training renders them (:mod:`unisd_components.chat`), and a seeded RNG that does not disturb the
 caller's global torch RNG state. The model is put in eval mode for the call and restored after.
 
 Example::
@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from unisd_components.chat import render_prompt
 
 __all__ = ["generate_texts"]
 
@@ -31,10 +33,7 @@ def generate_texts(
     if not message_lists:
         return []
     device = next(model.parameters()).device
-    prompts = [
-        tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        for messages in message_lists
-    ]
+    prompts = [render_prompt(tokenizer, messages) for messages in message_lists]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sample = temperature > 0
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if sample else {}

@@ -1,312 +1,171 @@
-"""The component registry: each UniSD mechanism as an object with hooks the trainer calls by name.
+"""The mechanism registry: every list of mechanism names in the project derives from it.
 
-The trainer knows nothing about any mechanism: it asks every enabled component, at fixed points of the
-step, for extra teacher contexts, token and sequence weights, a transformed divergence, extra loss
-terms, and what to do after an optimizer step. A sixth mechanism is one module with a
-:class:`Component` subclass, its config field on ``VariantConfig``, and one entry in :data:`REGISTRY`.
+A mechanism is one module that declares its config (a :class:`MechanismConfig`) and its
+:class:`~unisd_components.component.Component` subclass, and registers them with
+:func:`register_mechanism` when imported. From the registry derive ``COMPONENT_NAMES`` and the
+``VariantConfig`` fields (:mod:`unisd_components.config`), the study spec's component literal and
+sections, the plan's cost model, the tracking columns and the report. A sixth mechanism is one new
+module plus one line in :data:`BUILTIN_MODULES` (or, outside this package, its name in
+``$UNISD_PLUGINS``, imported with the built-ins in every process); no other edit.
 
-Hooks (all optional; the base class does nothing):
+Why the derived structures freeze: ``VariantConfig`` and the spec are Pydantic models built once, at
+import. A mechanism registered after they were built would be silently missing from them, so
+:func:`register_mechanism` refuses it with a clear error instead.
 
-- ``setup(ctx)``: once, before training, with the base (still untrained) model: build caches
-  (retrieval embeddings, induced instructions, negative demonstrations).
-- ``extra_contexts(examples)``: teacher contexts to score the completions under, ``[n][B]`` message
-  lists; they are scored in ONE batched gradient-free forward with the main teacher, keeping only the
-  sampled-token log-probs (``scores.context_token_logps[name]``, ``[n,B,T]``).
-- ``transform_divergence(per_token, mask, metrics)``: e.g. clipping.
-- ``token_weights(scores, metrics)`` ``[B,T]`` / ``sequence_weights(scores, metrics)`` ``[B]``.
-- ``loss_terms(scores, metrics)``: ``{term name: weighted scalar}`` added to the loss.
-- ``after_optimizer_step(step, student, teacher)``: e.g. the EMA sync.
+Nothing here imports torch: the spec validates a study with the registry alone.
 
-Flags: ``needs_hidden`` (final hidden states of student and teacher), ``needs_ema_teacher``,
-``drops_divergence`` (the divergence is logged but not optimised).
+Example (a mechanism module)::
+
+    class NoiseConfig(MechanismConfig):
+        '''Mechanism 6: ...'''
+        scale: float = Field(0.1, ge=0)
+
+    class NoiseComponent(Component):
+        name = "noise"
+        def loss_terms(self, scores, metrics): ...
+
+    register_mechanism(NoiseConfig, NoiseComponent)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar
+import importlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from pydantic import BaseModel
-from torch import nn
+from pydantic import BaseModel, ConfigDict
 
-from unisd_components import contexts
-from unisd_components.agreement import sequence_agreement_weights, token_agreement_weights
-from unisd_components.config import (
-    AgreementConfig,
-    ClippingConfig,
-    ContrastiveConfig,
-    EMAConfig,
-    FeatureMatchingConfig,
-    VariantConfig,
-)
-from unisd_components.contrastive import contrastive_hinge, hinge_per_token
-from unisd_components.divergence import clip_cap
-from unisd_components.feature_matching import hidden_state_mse
+from unisd_components.component import Component, ExtraContexts, SetupContext, StepScores
+
+if TYPE_CHECKING:
+    from unisd_components.config import VariantConfig
 
 __all__ = [
+    "BUILTIN_MODULES",
+    "PLUGINS_ENV",
     "REGISTRY",
-    "AgreementComponent",
-    "ClippingComponent",
     "Component",
-    "ContrastiveComponent",
-    "EMAComponent",
     "ExtraContexts",
-    "FeatureMatchingComponent",
+    "Mechanism",
+    "MechanismConfig",
     "SetupContext",
     "StepScores",
     "build_components",
+    "mechanisms",
+    "register_mechanism",
 ]
 
-
-@dataclass
-class SetupContext:
-    """What a component may use to prepare itself before the first step."""
-
-    model: nn.Module
-    tokenizer: Any
-    examples: Sequence[Any]
-    cache_dir: Path
-    model_id: str
-    seed: int
-    max_new_tokens: int = 256
+# The five UniSD mechanisms, in their canonical order (unisd-method.md): the order of COMPONENT_NAMES,
+# of the VariantConfig fields, of variant names (``unisd[agreement+ema]``) and of report columns.
+BUILTIN_MODULES: tuple[str, ...] = (
+    "unisd_components.mechanisms.agreement",
+    "unisd_components.mechanisms.contrastive",
+    "unisd_components.mechanisms.ema",
+    "unisd_components.mechanisms.feature_matching",
+    "unisd_components.mechanisms.clipping",
+)
 
 
-@dataclass
-class ExtraContexts:
-    """``messages[j][b]``: the j-th extra context of batch example b; ``temperature`` None = loss temperature."""
+class MechanismConfig(BaseModel):
+    """Base of a mechanism's hyperparameters: frozen, unknown keys refused. Defaults: unisd-method.md."""
 
-    messages: list[list[list[dict]]]
-    temperature: float | None = None
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-@dataclass
-class StepScores:
-    """Everything one micro-step scored, at completion positions only (``[B,T]`` unless noted)."""
+@dataclass(frozen=True)
+class Mechanism:
+    """One registered mechanism: its name (also its ``VariantConfig`` field), config and component."""
 
-    mask: torch.Tensor  # bool, real completion tokens (up to and including EOS)
-    tokens: torch.Tensor  # long, the completion token ids
-    student_logps: torch.Tensor  # [B,T,V] fp32 at the loss temperature, with gradient
-    teacher_logps: torch.Tensor  # [B,T,V] fp32 at the loss temperature, no gradient
-    student_token_logps: torch.Tensor  # sampled-token log-probs, with gradient
-    teacher_token_logps: torch.Tensor
-    student_hidden: torch.Tensor | None = None  # [B,T,H] final hidden states (after the final norm)
-    teacher_hidden: torch.Tensor | None = None
-    context_token_logps: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [n,B,T]
+    name: str
+    config: type[BaseModel]
+    component: type[Component]
 
 
-class Component:
-    """Base class of a mechanism: every hook is a no-op."""
-
-    name: ClassVar[str] = ""
-    needs_hidden: ClassVar[bool] = False
-    needs_ema_teacher: ClassVar[bool] = False
-    drops_divergence: bool = False
-
-    def __init__(self, config: BaseModel) -> None:
-        self.config = config
-
-    def setup(self, ctx: SetupContext) -> None:
-        return None
-
-    def extra_contexts(self, examples: Sequence[Any]) -> ExtraContexts | None:
-        return None
-
-    def transform_divergence(
-        self, per_token: torch.Tensor, mask: torch.Tensor, metrics: dict[str, float]
-    ) -> torch.Tensor:
-        return per_token
-
-    def token_weights(self, scores: StepScores, metrics: dict[str, float]) -> torch.Tensor | None:
-        return None
-
-    def sequence_weights(self, scores: StepScores, metrics: dict[str, float]) -> torch.Tensor | None:
-        return None
-
-    def loss_terms(self, scores: StepScores, metrics: dict[str, float]) -> dict[str, torch.Tensor]:
-        return {}
-
-    def after_optimizer_step(self, step: int, student: nn.Module, teacher: Any) -> dict[str, float]:
-        return {}
-
-
-class AgreementComponent(Component):
-    """Mechanism 1: weight tokens (or sequences) by how much K few-shot teacher contexts agree."""
-
-    name = "agreement"
-    config: AgreementConfig
-
-    def setup(self, ctx: SetupContext) -> None:
-        cfg = self.config
-        embeddings: np.ndarray | None = None
-        instructions: list[str] | None = None
-        if cfg.strategy == "retrieval":
-            from unisd_components.embeddings import example_embeddings
-
-            embeddings = example_embeddings(ctx.examples, ctx.cache_dir)
-        elif cfg.strategy == "induction":
-            instructions = contexts.induce_instructions(
-                ctx.model, ctx.tokenizer, ctx.examples, cfg.k, ctx.cache_dir, ctx.model_id, seed=ctx.seed
-            )
-        self._contexts = {
-            ex.id: contexts.fewshot_contexts(
-                i,
-                ctx.examples,
-                cfg.k,
-                cfg.strategy,
-                ctx.seed,
-                n_shots=cfg.n_shots,
-                embeddings=embeddings,
-                instructions=instructions,
-            )
-            for i, ex in enumerate(ctx.examples)
-        }
-
-    def extra_contexts(self, examples: Sequence[Any]) -> ExtraContexts:
-        per_example = [self._contexts[ex.id] for ex in examples]
-        # Agreement is measured at temperature 1 (unisd-method.md, mechanism 1).
-        return ExtraContexts([[ctx[j] for ctx in per_example] for j in range(self.config.k)], 1.0)
-
-    def _logps(self, scores: StepScores) -> torch.Tensor:
-        return scores.context_token_logps[self.name]
-
-    def token_weights(self, scores: StepScores, metrics: dict[str, float]) -> torch.Tensor | None:
-        if self.config.level != "token":
-            return None
-        cfg = self.config
-        w = token_agreement_weights(
-            self._logps(scores), scores.mask, cfg.gamma, cfg.stat, cfg.quantile, cfg.cap, cfg.floor
-        )
-        _weight_metrics(w[scores.mask], metrics)
-        return w
-
-    def sequence_weights(self, scores: StepScores, metrics: dict[str, float]) -> torch.Tensor | None:
-        if self.config.level != "sequence":
-            return None
-        w = sequence_agreement_weights(self._logps(scores), scores.mask, self.config.gamma, self.config.stat)
-        _weight_metrics(w, metrics)
-        return w
-
-
-def _weight_metrics(values: torch.Tensor, metrics: dict[str, float]) -> None:
-    if values.numel():
-        metrics["agreement_weight_mean"] = float(values.mean())
-        metrics["agreement_weight_min"] = float(values.min())
-
-
-class ContrastiveComponent(Component):
-    """Mechanism 2: hinge that keeps the student closer to the teacher than to a wrong-demonstration one."""
-
-    name = "contrastive"
-    config: ContrastiveConfig
-
-    def setup(self, ctx: SetupContext) -> None:
-        negatives = contexts.build_negatives(
-            ctx.model,
-            ctx.tokenizer,
-            ctx.examples,
-            ctx.cache_dir,
-            ctx.model_id,
-            max_new_tokens=ctx.max_new_tokens,
-            seed=ctx.seed,
-        )
-        self._contexts = {
-            ex.id: contexts.demonstration_context(ex.messages, negatives[ex.id]) for ex in ctx.examples
-        }
-
-    def extra_contexts(self, examples: Sequence[Any]) -> ExtraContexts:
-        # Same temperature as the student and main teacher token log-probs it is compared with.
-        return ExtraContexts([[self._contexts[ex.id] for ex in examples]], None)
-
-    def loss_terms(self, scores: StepScores, metrics: dict[str, float]) -> dict[str, torch.Tensor]:
-        negative = scores.context_token_logps[self.name][0]
-        margin = self.config.margin
-        hinge = contrastive_hinge(
-            scores.student_token_logps, scores.teacher_token_logps, negative, scores.mask, margin
-        )
-        with torch.no_grad():
-            per_token = hinge_per_token(
-                scores.student_token_logps, scores.teacher_token_logps, negative, margin
-            )
-            violated = (per_token > 0)[scores.mask]
-            metrics["contrastive_violation_frac"] = (
-                float(violated.float().mean()) if violated.numel() else 0.0
-            )
-            metrics["contrastive_hinge"] = float(hinge)
-        return {"contrastive": self.config.weight * hinge}
-
-
-class EMAComponent(Component):
-    """Mechanism 3: the teacher follows the student, ``phi <- beta·phi + (1-beta)·theta`` every sync_steps."""
-
-    name = "ema"
-    needs_ema_teacher = True
-    config: EMAConfig
-
-    def after_optimizer_step(self, step: int, student: nn.Module, teacher: Any) -> dict[str, float]:
-        if step % self.config.sync_steps != 0:
-            return {}
-        updated = teacher.ema_update(student, self.config.beta)
-        return {"ema_synced_tensors": float(updated)}
-
-
-class FeatureMatchingComponent(Component):
-    """Mechanism 4: MSE between student and (detached) teacher final hidden states."""
-
-    name = "feature_matching"
-    needs_hidden = True
-    config: FeatureMatchingConfig
-
-    def __init__(self, config: FeatureMatchingConfig) -> None:
-        super().__init__(config)
-        self.drops_divergence = config.match_repr
-
-    def loss_terms(self, scores: StepScores, metrics: dict[str, float]) -> dict[str, torch.Tensor]:
-        assert scores.student_hidden is not None and scores.teacher_hidden is not None
-        mse = hidden_state_mse(scores.student_hidden, scores.teacher_hidden, scores.mask)
-        metrics["feature_mse"] = float(mse.detach())
-        return {"feature": self.config.weight * mse}
-
-
-class ClippingComponent(Component):
-    """Mechanism 5: cap each token's divergence (static cap or the batch's q-quantile)."""
-
-    name = "clipping"
-    config: ClippingConfig
-
-    def transform_divergence(
-        self, per_token: torch.Tensor, mask: torch.Tensor, metrics: dict[str, float]
-    ) -> torch.Tensor:
-        if self.config.mode == "static":
-            cap = torch.tensor(self.config.cap, dtype=per_token.dtype, device=per_token.device)
-        else:
-            cap = clip_cap(per_token, mask, self.config.quantile)
-            if cap is None:
-                return per_token
-        with torch.no_grad():
-            clipped = (per_token.detach() > cap)[mask.bool()]
-            metrics["clip_cap"] = float(cap)
-            metrics["clip_frac"] = float(clipped.float().mean()) if clipped.numel() else 0.0
-        return torch.minimum(per_token, cap)
-
-
+_MECHANISMS: dict[str, Mechanism] = {}
 # name -> component class; the name is also the VariantConfig field that holds its config.
-REGISTRY: dict[str, type[Component]] = {
-    "agreement": AgreementComponent,
-    "contrastive": ContrastiveComponent,
-    "ema": EMAComponent,
-    "feature_matching": FeatureMatchingComponent,
-    "clipping": ClippingComponent,
-}
+REGISTRY: dict[str, type[Component]] = {}
+_state: dict[str, Any] = {"builtins": False, "frozen_by": None}
+
+
+# Extension modules to import with the built-ins, comma-separated: how a mechanism (or a benchmark, which
+# registers with harness.data the same way) defined outside the package reaches every process of a study,
+# spawned workers and data-parallel training processes included.
+PLUGINS_ENV = "UNISD_PLUGINS"
+
+
+def _load_builtins() -> None:
+    if _state["builtins"]:
+        return
+    _state["builtins"] = True  # set first: the modules below call register_mechanism while importing
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ImportError(f"${PLUGINS_ENV}: cannot import {module!r}: {err}") from err
+
+
+def register_mechanism(config: type[BaseModel], component: type[Component]) -> Mechanism:
+    """Register a mechanism under ``component.name`` (call it at the bottom of the mechanism's module).
+
+    Raises ``ValueError`` for a bad name or a duplicate, ``TypeError`` for a wrong class, and
+    ``RuntimeError`` when the derived structures (``VariantConfig``, the spec) are already built.
+    """
+    _load_builtins()
+    name = getattr(component, "name", "")
+    if not isinstance(component, type) or not issubclass(component, Component):
+        raise TypeError(f"mechanism component must subclass unisd_components.component.Component: {component!r}")
+    if not isinstance(config, type) or not issubclass(config, BaseModel):
+        raise TypeError(f"mechanism {name!r}: config must be a pydantic model class, got {config!r}")
+    if not name.isidentifier() or name.startswith("_") or name in ("method", "alpha", "kl_to_base_beta", "gkd"):
+        raise ValueError(f"mechanism name {name!r} must be a lowercase identifier that is not a VariantConfig field")
+    if name in _MECHANISMS:
+        if _MECHANISMS[name] == Mechanism(name, config, component):
+            return _MECHANISMS[name]  # the same module imported twice (e.g. as __main__ and by name)
+        raise ValueError(f"mechanism {name!r} is already registered (by {_MECHANISMS[name].component.__module__})")
+    if _state["frozen_by"] is not None:
+        raise RuntimeError(
+            f"mechanism {name!r} registered after {_state['frozen_by']} was built from the registry; "
+            "import the mechanism's module before importing unisd_components.config or harness.spec"
+        )
+    mechanism = Mechanism(name, config, component)
+    _MECHANISMS[name] = mechanism
+    # Canonical order whatever the import order: built-ins as listed, then the others as registered.
+    ordered = sorted(_MECHANISMS.values(), key=_rank)
+    _MECHANISMS.clear()
+    _MECHANISMS.update((m.name, m) for m in ordered)
+    REGISTRY.clear()
+    REGISTRY.update((m.name, m.component) for m in ordered)
+    return mechanism
+
+
+def _rank(mechanism: Mechanism) -> int:
+    module = mechanism.component.__module__
+    if module in BUILTIN_MODULES:
+        return BUILTIN_MODULES.index(module)
+    return len(BUILTIN_MODULES) + list(_MECHANISMS).index(mechanism.name)
+
+
+def mechanisms(*, freeze: str | None = None) -> Mapping[str, Mechanism]:
+    """Every registered mechanism, in registration order (the built-in five first).
+
+    ``freeze``: the name of a structure now built from the registry; later registrations are refused.
+    """
+    _load_builtins()
+    if freeze is not None and _state["frozen_by"] is None:
+        _state["frozen_by"] = freeze
+    return MappingProxyType(_MECHANISMS)
 
 
 def build_components(
-    variant: VariantConfig, registry: dict[str, type[Component]] | None = None
+    variant: VariantConfig, registry: Mapping[str, type[Component]] | None = None
 ) -> list[Component]:
     """The enabled components of ``variant``, in registry order."""
+    _load_builtins()
     registry = REGISTRY if registry is None else registry
     built = []
     for name, cls in registry.items():
@@ -314,3 +173,14 @@ def build_components(
         if config is not None:
             built.append(cls(config))
     return built
+
+
+def __getattr__(name: str) -> Any:
+    # The component classes used to live here; they are in their mechanism modules now.
+    for mechanism in mechanisms().values():
+        if mechanism.component.__name__ == name:
+            return mechanism.component
+    raise AttributeError(f"module 'unisd_components.registry' has no attribute {name!r}")
+
+
+_load_builtins()

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from unisd_components import contexts
+from unisd_components.chat import encode_prompt
 from unisd_components.config import TrainingConfig, VariantConfig
 from unisd_components.divergence import token_divergence
 from unisd_components.losses import masked_sequence_means, sequence_weighted_mean, weighted_sequence_mean
@@ -191,7 +192,7 @@ class StepRunner:
     def encode(self, key: tuple[str, str], messages: Sequence[dict], limit: int) -> list[int]:
         ids = self._token_cache.get(key)
         if ids is None:
-            ids = encode_chat(self.tokenizer, messages, limit)
+            ids = encode_prompt(self.tokenizer, messages, limit)
             self._token_cache[key] = ids
         return ids
 
@@ -411,16 +412,6 @@ def k3_to_reference(student_tok: torch.Tensor, ref_tok: torch.Tensor, mask: torc
     """k3 estimator of KL(student || reference) on sampled tokens: ``exp(r) - r - 1``, ``r = ref - student``."""
     r = ref_tok.detach().float() - student_tok.float()
     return weighted_sequence_mean(torch.expm1(r) - r, mask)
-
-
-def encode_chat(tokenizer: Any, messages: Sequence[dict], limit: int) -> list[int]:
-    """Chat-template ``messages`` with the generation prompt; keep the last ``limit`` tokens."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    else:  # plain LM: the contents, then a line break where the completion starts
-        text = "\n\n".join(str(m["content"]) for m in messages) + "\n"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return list(ids[-limit:])
 
 
 def _product(weights) -> torch.Tensor | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from harness.data.errors import DataNotFoundError
 from harness.data.records import Example
-from harness.data.registry import BENCHMARKS, Benchmark, load_benchmark
+from harness.data.registry import BENCHMARKS, Benchmark, load_benchmark, load_plugins, register_benchmark
 
-__all__ = ["BENCHMARKS", "Benchmark", "DataNotFoundError", "Example", "load_benchmark"]
+__all__ = ["BENCHMARKS", "Benchmark", "DataNotFoundError", "Example", "load_benchmark", "register_benchmark"]
+
+load_plugins()  # last: a plugin module may import this package's names

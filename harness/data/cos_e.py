@@ -25,6 +25,7 @@ SPLITS = ("train", "validation", "test")
 HUB_ID = "cos_e"
 HUB_CONFIG = "v1.11"
 PROMPT_VERSION = 1
+SIZES = {"train": 9741, "test": 1221}  # approximate split sizes (hub versions), for the plan's estimates
 
 
 def _example(source_id: str, question: str, choices: tuple[str, ...], letter: str, rationale: str) -> Example:

@@ -26,6 +26,7 @@ SPLITS = ("test",)
 HUB_ID = "Idavidrein/gpqa"
 HUB_CONFIG = "gpqa_diamond"
 PROMPT_VERSION = 1
+SIZES = {"test": 198}  # approximate split sizes (hub versions), for the plan's estimates
 
 
 def _example(row: dict) -> Example:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Example", "KINDS"]
+__all__ = ["Example", "KINDS", "PRIMARY_METRIC"]
 
 KINDS = ("multiple_choice", "code", "tool_call")
+# The score of each kind: a benchmark's primary metric is ``<benchmark>.<PRIMARY_METRIC[kind]>``.
+PRIMARY_METRIC = {"multiple_choice": "acc", "code": "pass_at_1", "tool_call": "acc"}
 
 
 @dataclass(frozen=True)

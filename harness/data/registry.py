@@ -1,4 +1,5 @@
-"""The benchmark registry and ``load_benchmark``, the one entry point to benchmark data.
+"""The benchmark registry (one :class:`Benchmark` record per benchmark) and ``load_benchmark``, the one
+entry point to benchmark data.
 
 Example::
 
@@ -9,26 +10,47 @@ Example::
 
 from __future__ import annotations
 
+import importlib
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
+from types import MappingProxyType, ModuleType
 
 from harness.data import cos_e, gpqa, humaneval, mbpp, scienceqa, toolalpaca
-from harness.data.records import Example
+from harness.data.records import KINDS, PRIMARY_METRIC, Example
 from harness.data.sources import resolve_data_dir, stable_hash
 from harness.errors import HarnessError
 
-__all__ = ["BENCHMARKS", "SPLITS", "Benchmark", "load_benchmark", "subsample"]
+__all__ = [
+    "BENCHMARKS",
+    "SCORINGS",
+    "SPLITS",
+    "TASKS_DIR",
+    "Benchmark",
+    "freeze_benchmarks",
+    "load_plugins",
+    "load_benchmark",
+    "register_benchmark",
+    "subsample",
+]
 
 SPLITS = ("train", "validation", "test")
+SCORINGS = ("generative", "loglikelihood")
+# The lm-eval task folders of the built-in benchmarks: ``<TASKS_DIR>/<name>/unisd_<name>[_ll].yaml``.
+TASKS_DIR = Path(__file__).resolve().parent.parent / "evaluation" / "tasks"
 
 
 @dataclass(frozen=True)
 class Benchmark:
-    """What callers may ask of a benchmark without loading it.
+    """Everything the harness knows about a benchmark without loading it; every list of benchmark names
+    (the spec's literal, the plan's size tables, the lm-eval task lookup) derives from these records.
 
     ``prompt_version`` is bumped whenever the benchmark's prompt or demonstration format changes;
-    caches of generations or scores must include it in their key.
+    caches of generations or scores must include it in their key. ``sizes``: approximate examples per
+    split (hub versions), for the plan's estimates. ``tasks``: scoring -> lm-eval task name (a
+    multiple-choice benchmark may have a log-likelihood task; the others score generatively whatever the
+    scoring asked). ``task_dir``: the folder holding those task YAMLs.
     """
 
     name: str
@@ -37,15 +59,100 @@ class Benchmark:
     hub_id: str | None
     prompt_version: int
     module: ModuleType = field(repr=False, compare=False)
+    sizes: Mapping[str, int] = field(default_factory=dict, repr=False, compare=False)
+    tasks: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    task_dir: Path | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def metric(self) -> str:
+        """The primary metric's name (``acc`` or ``pass_at_1``): ``<name>.<metric>`` in results."""
+        return PRIMARY_METRIC[self.kind]
+
+    @property
+    def trainable(self) -> bool:
+        return "train" in self.splits
+
+    def task(self, scoring: str = "generative") -> str:
+        """The lm-eval task that scores this benchmark under ``scoring``."""
+        if scoring not in SCORINGS:
+            raise HarnessError(f"unknown scoring {scoring!r}; use one of {', '.join(SCORINGS)}")
+        return self.tasks.get(scoring, self.tasks["generative"])
 
 
-def _entry(module: ModuleType) -> Benchmark:
-    return Benchmark(module.NAME, module.KIND, module.SPLITS, module.HUB_ID, module.PROMPT_VERSION, module)
+def _record(module: ModuleType, task_dir: Path | None) -> Benchmark:
+    """The record of a benchmark module; refuses one that could validate but not run."""
+    name = getattr(module, "NAME", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"benchmark module {module.__name__}: NAME must be an identifier (got {name!r})")
+    for hook in ("load_local", "load_hub"):
+        if not callable(getattr(module, hook, None)):
+            raise ValueError(f"benchmark {name}: module {module.__name__} has no loader {hook}(folder/split)")
+    kind = getattr(module, "KIND", None)
+    if kind not in KINDS:
+        raise ValueError(f"benchmark {name}: KIND must be one of {', '.join(KINDS)} (got {kind!r})")
+    splits = tuple(module.SPLITS)
+    if "test" not in splits or any(s not in SPLITS for s in splits):
+        raise ValueError(f"benchmark {name}: SPLITS must include 'test' and use {SPLITS} (got {splits})")
+    folder = Path(task_dir) if task_dir is not None else TASKS_DIR / name
+    tasks = {"generative": f"unisd_{name}"}
+    if kind == "multiple_choice" and (folder / f"unisd_{name}_ll.yaml").is_file():
+        tasks["loglikelihood"] = f"unisd_{name}_ll"
+    if not (folder / f"unisd_{name}.yaml").is_file():
+        raise ValueError(f"benchmark {name}: no lm-eval task {folder / f'unisd_{name}.yaml'}")
+    sizes = dict(getattr(module, "SIZES", {}))
+    missing = [s for s in ("train", "test") if s in splits and s not in sizes]
+    if missing:
+        raise ValueError(f"benchmark {name}: SIZES needs estimates for {missing} (the plan's cost model)")
+    return Benchmark(
+        name, kind, splits, module.HUB_ID, module.PROMPT_VERSION, module, MappingProxyType(sizes),
+        MappingProxyType(tasks), folder,
+    )  # fmt: skip
 
 
-BENCHMARKS: dict[str, Benchmark] = {
-    m.NAME: _entry(m) for m in (scienceqa, cos_e, mbpp, toolalpaca, gpqa, humaneval)
+# Built-in benchmarks, in the order the spec lists them.
+_BENCHMARKS: dict[str, Benchmark] = {
+    m.NAME: _record(m, None) for m in (scienceqa, gpqa, mbpp, humaneval, cos_e, toolalpaca)
 }
+BENCHMARKS: Mapping[str, Benchmark] = MappingProxyType(_BENCHMARKS)
+_frozen_by: list[str] = []
+
+
+def register_benchmark(module: ModuleType, *, task_dir: str | Path | None = None) -> Benchmark:
+    """Add a benchmark defined outside this package (a module with ``NAME``, ``KIND``, ``SPLITS``,
+    ``HUB_ID``, ``PROMPT_VERSION``, ``SIZES``, ``load_local(folder, split)`` and ``load_hub(split)``).
+
+    ``task_dir``: the folder of its lm-eval task ``unisd_<name>.yaml`` (and, for multiple choice,
+    ``unisd_<name>_ll.yaml``); default ``harness/evaluation/tasks/<name>``. Call it before
+    ``harness.spec`` is imported: the spec's benchmark literal is built once, from this registry.
+    """
+    record = _record(module, Path(task_dir) if task_dir is not None else None)
+    if record.name in _BENCHMARKS:
+        raise ValueError(f"benchmark {record.name!r} is already registered")
+    if _frozen_by:
+        raise RuntimeError(
+            f"benchmark {record.name!r} registered after {_frozen_by[0]} was built from the registry; "
+            "register it before importing harness.spec"
+        )
+    _BENCHMARKS[record.name] = record
+    return record
+
+
+def load_plugins() -> None:
+    """Import the modules named in ``$UNISD_PLUGINS`` (comma-separated; the variable
+    ``unisd_components.registry`` reads for mechanisms too): a benchmark defined outside the package
+    registers itself on import, in every process of a study. Called when ``harness.data`` is imported."""
+    for module in filter(None, (m.strip() for m in os.environ.get("UNISD_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise HarnessError(f"$UNISD_PLUGINS: cannot import {module!r}: {err}") from None
+
+
+def freeze_benchmarks(by: str) -> Mapping[str, Benchmark]:
+    """The registry, marked as read by ``by`` (a structure built once); later registrations fail."""
+    if not _frozen_by:
+        _frozen_by.append(by)
+    return BENCHMARKS
 
 
 def subsample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
@@ -71,8 +178,8 @@ def load_benchmark(
     """Load one split of a benchmark as :class:`Example` records.
 
     Args:
-        name: A key of :data:`BENCHMARKS` (``scienceqa``, ``cos_e``, ``mbpp``, ``toolalpaca``, ``gpqa``,
-            ``humaneval``).
+        name: A key of :data:`BENCHMARKS` (``scienceqa``, ``gpqa``, ``mbpp``, ``humaneval``, ``cos_e``,
+            ``toolalpaca``, and any registered with :func:`register_benchmark`).
         split: ``"train"``, ``"validation"`` or ``"test"``; gpqa and humaneval have ``"test"`` only.
         data_dir: Root holding ``<name>/`` in the layout of shared/data. None: ``$UNISD_DATA_DIR``; when
             that is unset too, the Hugging Face hub (``datasets.load_dataset``, needs network).

@@ -35,6 +35,7 @@ SPLITS = ("train", "validation", "test")
 HUB_ID = None
 HUB_CONFIG = None
 PROMPT_VERSION = 1
+SIZES = {"train": 3938, "test": 114}  # approximate split sizes (hub versions), for the plan's estimates
 
 MAX_DOC_CHARS = 1500
 N_TEST_APIS = 3

@@ -4,7 +4,8 @@ Why these choices (integration-notes.md, lm-eval section):
 
 - lm-eval refuses a raw transformers model: it is wrapped in ``HFLM(pretrained=model, tokenizer=...)``,
   which takes the device from the model (no ``device`` argument: passing it twice raises).
-- Our tasks only: ``TaskManager(include_path=tasks/, include_defaults=False)``; their loaders read
+- Our tasks only: ``TaskManager(include_path=[tasks/, ...], include_defaults=False)`` (plus the task
+  folders of benchmarks registered outside the package); their loaders read
   ``limit`` / ``seed`` / ``data_dir`` / ``split`` from the task metadata, so the docs are the seeded subset
   the rest of the harness uses (lm-eval's own ``limit`` would take the first N).
 - lm-eval's response cache is keyed on the request only, not the model: it lives in ``output_dir``
@@ -19,19 +20,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.data.registry import SCORINGS
 from harness.errors import HarnessError
+from harness.jsonable import jsonable
+from harness.metric_names import normalise_metric_name
 
-__all__ = ["SCORINGS", "EvalResult", "evaluate_model", "normalise_metrics", "task_name"]
+__all__ = ["SCORINGS", "EvalResult", "evaluate_model", "normalise_metrics", "task_name", "task_paths"]
 
-SCORINGS = ("generative", "loglikelihood")
-PRIMARY = {"multiple_choice": "acc", "code": "pass_at_1", "tool_call": "acc"}
 
 
 @dataclass
@@ -44,37 +45,50 @@ class EvalResult:
 
 
 def task_name(benchmark: str, scoring: str = "generative") -> str:
-    """The lm-eval task of a benchmark: ``unisd_<b>``, or ``unisd_<b>_ll`` for log-likelihood MC."""
+    """The lm-eval task of a benchmark under ``scoring``, from its record in :data:`harness.data.BENCHMARKS`
+    (``unisd_<b>``, or ``unisd_<b>_ll`` for log-likelihood multiple choice)."""
     from harness.data import BENCHMARKS
 
     if benchmark not in BENCHMARKS:
         raise HarnessError(
             f"unknown benchmark {benchmark!r}; valid benchmarks: {', '.join(sorted(BENCHMARKS))}"
         )
-    if scoring not in SCORINGS:
-        raise HarnessError(f"unknown scoring {scoring!r}; use one of {', '.join(SCORINGS)}")
-    if scoring == "loglikelihood" and BENCHMARKS[benchmark].kind == "multiple_choice":
-        return f"unisd_{benchmark}_ll"
-    return f"unisd_{benchmark}"  # code and tool calls are generative whatever the scoring
+    return BENCHMARKS[benchmark].task(scoring)
+
+
+def task_paths() -> list[str]:
+    """The folders lm-eval must scan: our task folder, and those of benchmarks registered elsewhere."""
+    from harness.data import BENCHMARKS
+    from harness.evaluation.tasks import TASKS_DIR
+
+    extra = [b.task_dir for b in BENCHMARKS.values() if b.task_dir and not b.task_dir.is_relative_to(TASKS_DIR)]
+    return [str(TASKS_DIR), *dict.fromkeys(str(p) for p in extra)]
 
 
 def normalise_metrics(results: dict[str, dict[str, Any]], tasks: dict[str, str]) -> dict[str, float]:
     """lm-eval's ``results`` (task -> ``{"acc,none": ...}``) as ``{"<benchmark>.<metric>": value}``.
 
-    ``tasks`` maps task name -> benchmark. Standard errors and aliases are dropped; adds ``mean.acc``.
+    ``tasks`` maps task name -> benchmark. Standard errors and aliases are dropped; a metric reported under
+    one filter loses the filter's name (``pass_at_1,sandbox`` -> ``pass_at_1``), see
+    :mod:`harness.metric_names`. Adds ``mean.acc``, the mean of the benchmarks' primary scores.
     """
     from harness.data import BENCHMARKS
 
     metrics: dict[str, float] = {}
     primaries = []
     for task, benchmark in tasks.items():
-        for key, value in results.get(task, {}).items():
-            name = key.split(",")[0]
+        scores = {
+            key: value
+            for key, value in results.get(task, {}).items()
+            if key != "alias" and not key.split(",")[0].endswith("_stderr") and isinstance(value, int | float)
+        }
+        heads = [key.split(",")[0] for key in scores]
+        for key, value in scores.items():
+            head = key.split(",")[0]
+            name = normalise_metric_name(key, drop_filter=heads.count(head) == 1)
             name = "n" if name == "sample_len" else name  # lm-eval's count of scored docs
-            if name == "alias" or name.endswith("_stderr") or not isinstance(value, int | float):
-                continue
             metrics[f"{benchmark}.{name}"] = float(value)
-        primary = f"{benchmark}.{PRIMARY[BENCHMARKS[benchmark].kind]}"
+        primary = f"{benchmark}.{BENCHMARKS[benchmark].metric}"
         if primary not in metrics:
             raise RuntimeError(
                 f"lm-eval returned no {primary} for task {task}: {sorted(results.get(task, {}))}"
@@ -83,18 +97,6 @@ def normalise_metrics(results: dict[str, dict[str, Any]], tasks: dict[str, str])
     if primaries:
         metrics["mean.acc"] = sum(primaries) / len(primaries)
     return metrics
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)
 
 
 def _write_samples(path: Path, samples: dict[str, list[dict]], tasks: dict[str, str]) -> int:
@@ -111,11 +113,11 @@ def _write_samples(path: Path, samples: dict[str, list[dict]], tasks: dict[str, 
                     "id": doc["id"],
                     "doc_id": sample["doc_id"],
                     "prompt": arguments[0][0] if arguments and arguments[0] else "",
-                    "response": _jsonable(sample["resps"]),
-                    "filtered": _jsonable(sample["filtered_resps"]),
+                    "response": jsonable(sample["resps"]),
+                    "filtered": jsonable(sample["filtered_resps"]),
                     "filter": sample.get("filter"),
-                    "target": _jsonable(sample.get("target")),
-                    "scores": {m: _jsonable(sample[m]) for m in sample.get("metrics", []) if m in sample},
+                    "target": jsonable(sample.get("target")),
+                    "scores": {m: jsonable(sample[m]) for m in sample.get("metrics", []) if m in sample},
                 }
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
                 count += 1
@@ -195,7 +197,6 @@ def evaluate_model(
 
     from harness.data import load_benchmark
     from harness.evaluation import retention as retention_mod
-    from harness.evaluation.tasks import TASKS_DIR
 
     start = time.perf_counter()
     if not benchmarks:
@@ -214,7 +215,7 @@ def evaluate_model(
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_gen_toks=max_gen_tokens)
     task_manager = TaskManager(
-        include_path=str(TASKS_DIR),
+        include_path=task_paths(),
         include_defaults=False,
         metadata={
             "limit": limit,

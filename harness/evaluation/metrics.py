@@ -1,7 +1,8 @@
-"""Scoring functions of the evaluation: answer-letter extraction, code extraction and pass@k, tool calls.
+"""Scoring functions of the evaluation: answer-letter extraction, code extraction, tool calls.
 
-Pure functions (``score_code`` aside, which runs programs in :mod:`harness.evaluation.sandbox`), so that
-the same completion always gets the same score and a test can check every rule on a string.
+Pure functions, so that the same completion always gets the same score and a test can check every rule
+on a string. Code is run by the lm-eval tasks' sandbox filter (``harness/evaluation/tasks/_common.py``,
+:mod:`harness.evaluation.sandbox`) on the program :func:`build_program` builds.
 """
 
 from __future__ import annotations
@@ -12,16 +13,12 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from harness.evaluation.sandbox import run_programs
-
 __all__ = [
     "build_program",
-    "code_pass_at_k",
     "extract_choice_letter",
     "extract_code",
     "parse_arguments",
     "parse_tool_calls",
-    "score_code",
     "tool_call_correct",
 ]
 
@@ -115,42 +112,6 @@ def extract_code(completion: str, entry_point: str | None = None) -> str:
 def build_program(completion: str, tests: str, entry_point: str | None = None) -> str:
     """The program that decides a code completion: its extracted code, then the benchmark's tests."""
     return f"{extract_code(completion, entry_point)}\n\n{tests}\n"
-
-
-def score_code(
-    completions: Sequence[str],
-    tests: Sequence[str],
-    timeout: float = 10.0,
-    *,
-    entry_points: Sequence[str | None] | None = None,
-    workers: int | None = None,
-) -> list[bool]:
-    """Whether each completion passes its tests: ``build_program`` run in the sandbox, in parallel.
-
-    An empty completion is still run (its tests then fail on the missing function): no shortcut that
-    could score differently from running it.
-    """
-    if len(completions) != len(tests):
-        raise ValueError(f"{len(completions)} completions but {len(tests)} test programs")
-    entry_points = entry_points or [None] * len(completions)
-    programs = [build_program(c, t, e) for c, t, e in zip(completions, tests, entry_points, strict=True)]
-    return [result.passed for result in run_programs(programs, timeout=timeout, workers=workers)]
-
-
-def code_pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from ``n`` samples of which ``c`` pass: ``1 - C(n-c, k) / C(n, k)``.
-
-    Computed as ``1 - prod_{i=n-c+1}^{n} (1 - k/i)`` (Chen et al., 2021), which never forms the huge
-    binomials.
-    """
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    product = 1.0
-    for i in range(n - c + 1, n + 1):
-        product *= 1.0 - k / i
-    return 1.0 - product
 
 
 # --- tool calls ------------------------------------------------------------------------------------------

@@ -34,24 +34,14 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
+from unisd_components.chat import encode_prompt, render_prompt
+
 __all__ = ["greedy_completions", "ppl_fit", "render_prompt", "retention", "score_completions"]
 
 
-def render_prompt(tokenizer, messages: Sequence[dict]) -> str:
-    """The prompt text a chat model sees: chat template + generation prompt; plain user text otherwise.
-
-    lm-eval renders our tasks the same way (``apply_chat_template=True`` with a single user turn), so
-    retention and accuracy look at the same prompts.
-    """
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return "\n\n".join(m["content"] for m in messages if m["role"] in ("system", "user"))
-
-
 def _prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
-    # A rendered chat template already carries its special tokens (BOS included where the model uses one).
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=not chat)["input_ids"]
+    # The trainer's own rendering (unisd_components.chat), so retention scores the prompts training saw.
+    return encode_prompt(tokenizer, messages)
 
 
 def _device(model) -> torch.device:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from harness.errors import HarnessError
+from harness.jsonable import jsonable
 from harness.report import plots
 from harness.report.effects import analyse_effects, complete_rows
 from harness.report.paper import paper_blocks
@@ -77,18 +78,6 @@ def _num(x: float | None, signed: bool = True) -> str:
 
 def _p(x: float | None) -> str:
     return "–" if x is None else (f"{x:.2g}" if x >= 1e-4 else "<1e-4")
-
-
-def _jsonable(obj: object) -> object:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float | np.floating):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def _validate(df: pd.DataFrame, components: Sequence[str], metrics: Sequence[str], study_kind: str) -> None:
@@ -353,7 +342,7 @@ def build_report(
 ) -> ReportFiles:
     """Write ``report.md``, ``report.html``, ``figures/*.png``, ``results.csv`` and ``effects.json``.
 
-    ``df`` is the study results table (contracts.md: one row per trial; only COMPLETE rows are analysed).
+    ``df`` is the study results table (one row per trial, as ``harness.tracking.load_results`` returns it; only COMPLETE rows are analysed).
     The component effects use the factorial rows only (UniSD variants and SDFT, the empty subset); the
     results table shows every variant. When the table has at least two benchmark metrics and no
     ``mean.acc``, their unweighted mean is added as ``overall``, as in the paper. ``optuna_study``, for a
@@ -450,7 +439,7 @@ def build_report(
 
     effects_json = out_dir / "effects.json"
     effects_json.write_text(
-        json.dumps(_jsonable(payload), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        json.dumps(jsonable(payload), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
     markdown = out_dir / "report.md"
     markdown.write_text(to_markdown(title, blocks, out_dir), encoding="utf-8")
