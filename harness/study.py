@@ -849,6 +849,8 @@ def status(spec: StudySpec, *, storage: str | None = None) -> dict[str, Any]:
                 "number": t.number,
                 "state": t.state.name,
                 "variant": attrs.get("variant"),
+                "model": attrs.get("model"),
+                "train_task": attrs.get("train_task"),
                 "seed": attrs.get("seed"),
                 "params": params,
                 "values": list(t.values) if t.values is not None else None,

@@ -211,3 +211,16 @@ def test_component_effects_per_cell_per_model_per_task_and_pooled():
     assert effects["per_model"]["llama"]["ema"] == pytest.approx(0.21, abs=0.003)  # mean over 4 cells
     assert effects["pooled"]["ema"] == pytest.approx(0.21, abs=0.003)
     assert len(effects["per_cell"]) == 2 * 4
+
+
+def test_paper_section_only_for_studies_with_axes_and_pooled_cells_are_benchmarks():
+    from harness.report.paper import paper_blocks
+
+    pooled = _table(with_presets=False)
+    pooled = pooled[pooled["train_task"].isna() | (pooled["train_task"] == "scienceqa")].copy()
+    pooled["train_task"] = None  # pooled training: one model on everything, one cell per benchmark
+    one_model = pooled[pooled["model"] == "llama"]
+    assert paper_blocks(one_model, COMPONENTS) == ([], {})  # its results table is the paper table
+    blocks, data = paper_blocks(pooled, COMPONENTS)
+    assert blocks and set(data["results"]) == {"llama", "qwen2", "averaged over models"}
+    assert data["cells"][:2] == ["scienceqa", "gpqa"] and "←" not in "".join(data["cells"])

@@ -326,7 +326,14 @@ def paper_tables(
 def paper_blocks(
     df: pd.DataFrame, components: Sequence[str] = (), metrics: Sequence[str] | None = None
 ) -> tuple[list[Block], dict[str, Any]]:
-    """The report section: the paper's results tables, self-distillation vs SFT, effects per cell."""
+    """The report section: the paper's results tables, self-distillation vs SFT, effects per cell.
+
+    Only for results with axes (several models, or per-task training): a one-model pooled study's
+    results table already is its paper table."""
+    models = df["model"].dropna().nunique() if "model" in df.columns else 0
+    per_task = "train_task" in df.columns and df["train_task"].replace("", np.nan).notna().any()
+    if models < 2 and not per_task:
+        return [], {}
     tables = paper_tables(df, components, metrics)
     if not tables["results"]:
         return [], {}
