@@ -634,7 +634,12 @@ def format_plan(plan: Mapping[str, Any]) -> str:
         f"  train      {', '.join(plan['train_benchmarks']) or '-'} "
         f"({plan['train_examples_per_variant']} examples per variant"
         + (", over all task models)" if several and plan["axes"]["protocol"] == "per_task" else ")"),
-        f"  evaluate   {', '.join(plan['eval_benchmarks'])} ({plan['eval_examples_per_trial']} examples per trial)",
+        f"  evaluate   {', '.join(plan['eval_benchmarks'])} ({plan['eval_examples_per_trial']} examples "
+        + (
+            "over all cells; a trained trial scores its own cell)"
+            if several and plan["axes"]["protocol"] == "per_task"
+            else "per trial)"
+        ),
         f"  seeds      {', '.join(map(str, plan['seeds']))}",
         f"  objectives {', '.join(plan['objectives'])}",
     ]
