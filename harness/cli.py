@@ -48,6 +48,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     keep_freed_memory()  # before the first model is loaded (see the module: ~6% per training step on CPU)
 
     spec = load_spec(args.spec).with_overrides(output_dir=args.output_dir, storage=args.storage)
+    if args.json:
+        if not args.dry_run:
+            raise HarnessError("--json only applies with --dry-run (one JSON object per planned trial)")
+        import json
+
+        from harness.plan import plan_json_lines
+
+        for line in plan_json_lines(spec):
+            print(json.dumps(line, default=str))
+        return 0
     if not args.dry_run:
         from harness.library_output import quiet_libraries
 
@@ -274,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="GB",
         help="with --dry-run: check the per-trial memory estimate against this GPU size (default: the GPU seen)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="with --dry-run: one JSON object per trial (model, train_task, variant, seed, params)",
     )
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.set_defaults(func=_cmd_run)

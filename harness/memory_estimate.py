@@ -151,13 +151,10 @@ def format_memory(terms: dict[str, float], gpu_bytes: float | None, label: str) 
 
 
 def describe_memory(spec: Any, gpu_gb: float | None = None) -> str:
-    """``--dry-run``'s memory lines: the largest planned trial and plain SDFT, and whether they fit on the
-    GPU this process sees (or on ``gpu_gb``, which wins when given)."""
+    """``--dry-run``'s memory lines, per model: its largest planned trial and plain SDFT, and whether they
+    fit on the GPU this process sees (or on ``gpu_gb``, which wins when given)."""
     from harness.plan import grid_points
 
-    shape = model_shape(spec.model.ref)
-    if shape is None:
-        return f"  memory     unknown for {spec.model.ref} (no config.json found locally)"
     gpu_bytes = None if gpu_gb is None else gpu_gb * GB
     if gpu_bytes is None:
         try:
@@ -167,20 +164,29 @@ def describe_memory(spec: Any, gpu_gb: float | None = None) -> str:
                 gpu_bytes = float(torch.cuda.get_device_properties(0).total_memory)
         except Exception:  # no usable CUDA: the user can still state --gpu-memory
             gpu_bytes = None
-    w = 4 if spec.model.dtype == "float32" else 2
-    estimates = [
-        (p.name, trial_memory(shape, p.variant, p.training, weight_bytes=w, lora=spec.model.lora))
-        for p in grid_points(spec)
-        if p.variant is not None
-    ]
-    if not estimates:
-        return "  memory     no training trial planned"
-    largest = max(estimates, key=lambda e: e[1]["total"])
+    points = [p for p in grid_points(spec) if p.variant is not None]
+    models = spec.models()
     lines = ["  memory     per trial, estimated (formula: harness/memory_estimate.py)"]
-    lines.append("    " + format_memory(largest[1], gpu_bytes, f"largest ({largest[0]})"))
-    sdft = next((e for e in estimates if e[0] == "sdft"), None)
-    if sdft is not None and sdft is not largest:
-        lines.append("    " + format_memory(sdft[1], gpu_bytes, "sdft"))
+    for model in models:
+        prefix = f"{model.label}: " if len(models) > 1 else ""
+        shape = model_shape(model.ref)
+        if shape is None:
+            lines.append(f"    {prefix}unknown for {model.ref} (no config.json found locally)")
+            continue
+        w = 4 if model.dtype == "float32" else 2
+        estimates = [
+            (p.name, trial_memory(shape, p.variant, p.training, weight_bytes=w, lora=model.lora))
+            for p in points
+            if len(models) == 1 or p.model == model.label
+        ]
+        if not estimates:
+            lines.append(f"    {prefix}no training trial planned")
+            continue
+        largest = max(estimates, key=lambda e: e[1]["total"])
+        lines.append("    " + format_memory(largest[1], gpu_bytes, f"{prefix}largest ({largest[0]})"))
+        sdft = next((e for e in estimates if e[0] == "sdft"), None)
+        if sdft is not None and sdft is not largest:
+            lines.append("    " + format_memory(sdft[1], gpu_bytes, f"{prefix}sdft"))
     if gpu_bytes is None:
         lines.append("    no GPU seen: pass --gpu-memory GB to check the fit")
     return "\n".join(lines)

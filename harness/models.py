@@ -9,6 +9,8 @@ References a spec may name:
   ``~/.cache/unisd-harness``); later loads take a second or two.
 - ``tiny-random:llama``: a randomly initialised 2-layer Llama (hidden 64) with the bundled tokenizer, built
   from a config with a fixed seed. For tests and smoke studies: it trains and evaluates end to end in seconds.
+- ``tiny-random:qwen2``: the same size as a Qwen2 architecture (attention biases on q/k/v, its own
+  rotary and norm settings), so a study's model axis is exercised with two architectures offline.
 - anything else: ``from_pretrained`` (a hub id, or a local directory).
 
 Device: CUDA when available, else CPU. Dtype ``auto``: bf16 on CUDA, fp32 on CPU (bf16 matmuls on this class
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BUNDLED_SMOLLM2",
     "TINY_RANDOM_LLAMA",
+    "TINY_RANDOM_QWEN2",
     "cache_dir",
     "load_model",
     "load_tokenizer",
@@ -44,6 +47,7 @@ __all__ = [
 
 BUNDLED_SMOLLM2 = "bundled:smollm2-135m-instruct"
 TINY_RANDOM_LLAMA = "tiny-random:llama"
+TINY_RANDOM_QWEN2 = "tiny-random:qwen2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -123,10 +127,12 @@ def load_tokenizer(ref: str):
     """The tokenizer for ``ref``; the tiny random model shares the bundled SmolLM2 tokenizer."""
     from transformers import AutoTokenizer
 
-    if ref in (BUNDLED_SMOLLM2, TINY_RANDOM_LLAMA):
+    if ref in (BUNDLED_SMOLLM2, TINY_RANDOM_LLAMA, TINY_RANDOM_QWEN2):
         source: str | Path = _bundled_dir()
     elif ref.startswith(("bundled:", "tiny-random:")):
-        raise HarnessError(f"unknown model {ref!r}; built-ins are {BUNDLED_SMOLLM2} and {TINY_RANDOM_LLAMA}")
+        raise HarnessError(
+            f"unknown model {ref!r}; built-ins are {BUNDLED_SMOLLM2}, {TINY_RANDOM_LLAMA} and {TINY_RANDOM_QWEN2}"
+        )
     else:
         source = ref
     try:
@@ -158,6 +164,24 @@ def _tiny_random_llama(vocab_size: int, seed: int = 0):
         return LlamaForCausalLM(config)
 
 
+def _tiny_random_qwen2(vocab_size: int, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(config)
+
+
 def load_model(ref: str, *, device: str | None = None, dtype: str | None = None):
     """Load ``(model, tokenizer)`` for a reference, on ``device`` in ``dtype`` (see module docstring)."""
     from transformers import AutoModelForCausalLM
@@ -167,6 +191,8 @@ def load_model(ref: str, *, device: str | None = None, dtype: str | None = None)
     tokenizer = load_tokenizer(ref)
     if ref == TINY_RANDOM_LLAMA:
         model = _tiny_random_llama(len(tokenizer))
+    elif ref == TINY_RANDOM_QWEN2:
+        model = _tiny_random_qwen2(len(tokenizer))
     else:
         source = _bundled_dir() if ref == BUNDLED_SMOLLM2 else ref
         try:

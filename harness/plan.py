@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,7 @@ __all__ = [
     "point_key",
     "point_summary",
     "point_training",
+    "plan_json_lines",
     "point_variant",
     "search_candidates",
     "suggest_point",
@@ -70,7 +72,9 @@ class TrialPoint:
 
     ``params`` is flat for logging: ``comp.<name>`` (bool) for every component, ``method``, and every
     hyperparameter that shapes this point (``agreement.gamma``, ``training.learning_rate`` ...).
-    ``grid`` holds the values a grid axis chose (part of :func:`point_key`).
+    ``grid`` holds the values a grid axis chose (part of :func:`point_key`). ``model`` (the model's
+    short name) and ``train_task`` (None: pooled training, or the untrained base model) are the trial's
+    coordinates on the study's other axes; ``preset`` names the recipe of a preset point.
     """
 
     name: str
@@ -81,6 +85,23 @@ class TrialPoint:
     training: TrainingConfig
     params: dict[str, Any]
     grid: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    train_task: str | None = None
+    preset: str | None = None
+    key_prefix: str = ""  # "<model>/<task>/" when the study has more than one cell; part of point_key
+
+    @property
+    def variant_kind(self) -> str:
+        """``base``, ``baseline``, ``factorial`` (a component subset; SDFT is the empty one) or ``preset``.
+
+        The report's effects use ``factorial`` rows only: a preset shares a subset's components but not
+        its hyperparameters (or batch), so it is reported beside the factorial, never inside a cell of it.
+        """
+        if self.preset:
+            return "preset"
+        if self.family == "unisd" or self.name == "sdft":
+            return "factorial"
+        return self.family
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,16 +154,24 @@ def _raw_params(kind: _Kind, spec: StudySpec) -> tuple[dict[str, Any], dict[str,
     method = spec.method
     if kind.method == "sdft":
         preset = PRESETS[kind.preset] if kind.preset else None
+        # A preset keeps its own values (unisd-method.md section 2); only method.preset_overrides.<name>
+        # changes them. The component sections of `method` configure the factorial subsets.
+        override = method.preset_overrides.get(kind.preset) if kind.preset else None
         for key in ("alpha", "kl_to_base_beta"):
             defaults[key] = VariantConfig.model_fields[key].default
-            use_preset = preset is not None and key not in method.model_fields_set
-            raw[key] = getattr(preset, key) if use_preset else getattr(method, key)
+            if preset is None:
+                raw[key] = getattr(method, key)
+            elif override is not None and key in override.model_fields_set:
+                raw[key] = getattr(override, key)
+            else:
+                raw[key] = getattr(preset, key)
         for name in kind.components:
             config_cls = COMPONENT_CONFIGS[name]
             section = getattr(method, name)
             if preset is not None:
                 values = getattr(preset, name).model_dump()
-                values.update(section_values(section, only_set=True))
+                if override is not None:
+                    values.update(section_values(getattr(override, name), only_set=True))
             else:
                 values = config_cls().model_dump()
                 values.update(section_values(section, only_set=True))
@@ -219,6 +248,7 @@ def _build(kind: _Kind, values: Mapping[str, Any], seed: int, grid: Mapping[str,
         training=training,
         params=params,
         grid=dict(grid),
+        preset=kind.preset,
     )
 
 
@@ -238,17 +268,47 @@ def _expand(kind: _Kind, spec: StudySpec, *, fixed: bool) -> Iterator[tuple[dict
 def grid_points(spec: StudySpec) -> list[TrialPoint]:
     """Every point of a grid study, each exactly once; for a TPE/random study, its baseline points.
 
-    Order: baselines, subsets (by size), presets; within each, grid combinations, then seeds.
+    Order: models (spec order), then training tasks, then baselines, subsets (by size), presets; within
+    each, grid combinations, then seeds. Under ``per_task`` the base model is evaluated once per model
+    (``train_task`` None, the first seed): it trains on nothing, and greedy evaluation has no seed.
     """
+    from harness.axes import single_cell
+
     searching = spec.search.sampler != "grid"
+    per_task = spec.data.protocol == "per_task"
+    prefixed = not single_cell(spec)
+    kinds = [k for k in _kinds(spec) if not (searching and k.name not in spec.method.baselines)]
     points: list[TrialPoint] = []
-    for kind in _kinds(spec):
-        if searching and kind.name not in spec.method.baselines:
-            continue
-        for values, grid in _expand(kind, spec, fixed=searching):
-            for seed in spec.seeds:
-                points.append(_build(kind, values, seed, grid))
+    for model in spec.models():
+        if per_task:
+            for kind in (k for k in kinds if k.method == "base"):
+                for values, grid in _expand(kind, spec, fixed=searching):
+                    point = _build(kind, _for_model(values, model), spec.seeds[0], grid)
+                    points.append(_place(point, model.label, None, prefixed))
+        for task in spec.train_tasks():
+            for kind in kinds:
+                if per_task and kind.method == "base":
+                    continue
+                for values, grid in _expand(kind, spec, fixed=searching):
+                    for seed in spec.seeds:
+                        point = _build(kind, _for_model(values, model), seed, grid)
+                        points.append(_place(point, model.label, task, prefixed))
     return points
+
+
+def _for_model(values: Mapping[str, Any], model: Any) -> dict[str, Any]:
+    """A model's own per-device batch (``model.batch_size``) replaces ``training.batch_size``."""
+    out = dict(values)
+    if model.batch_size is not None and "training.batch_size" in out:
+        out["training.batch_size"] = model.batch_size
+    return out
+
+
+def _place(point: TrialPoint, model: str, task: str | None, prefixed: bool) -> TrialPoint:
+    point.model, point.train_task = model, task
+    if prefixed:
+        point.key_prefix = f"{model}/{task or ('base' if point.variant is None else 'pooled')}/"
+    return point
 
 
 def suggest_point(trial: optuna.Trial, spec: StudySpec) -> TrialPoint:
@@ -274,12 +334,13 @@ def suggest_point(trial: optuna.Trial, spec: StudySpec) -> TrialPoint:
         else:
             values[key] = value
     seed = spec.seeds[trial.number % len(spec.seeds)]
-    return _build(kind, values, seed, {})
+    model = spec.models()[0]  # a search runs one model on pooled data (the spec validator says so)
+    return _place(_build(kind, _for_model(values, model), seed, {}), model.label, None, False)
 
 
 def point_key(point: TrialPoint) -> str:
     """A stable id of a grid point: variant, seed and the grid axes' values (``unisd[ema]/seed=0``)."""
-    key = f"{point.name}/seed={point.seed}"
+    key = f"{point.key_prefix}{point.name}/seed={point.seed}"
     for name in sorted(point.grid):
         key += f"/{name}={point.grid[name]!r}"
     return key
@@ -294,6 +355,9 @@ def point_summary(point: TrialPoint) -> dict[str, Any]:
     return {
         "variant": point.name,
         "family": point.family,
+        "variant_kind": point.variant_kind,
+        "model": point.model,
+        "train_task": point.train_task,
         "seed": point.seed,
         "components": {c: c in point.components for c in COMPONENT_NAMES},
         "params": {k: v for k, v in point.params.items() if not k.startswith("comp.")},
@@ -389,21 +453,35 @@ def describe_plan(spec: StudySpec) -> dict[str, Any]:
     ``upper_bound`` assumes every sample runs to its cap. ``gpu_hours_7b`` applies the throughput
     assumptions stated above this function to a 7B model on one GPU, whatever ``model.ref`` is.
     """
+    from harness.axes import cell_spec
+
     fixed = grid_points(spec)
     searching = spec.search.sampler != "grid"
-    costs = [_trial_cost(p, spec) for p in fixed]
+    cells = {(p.model, p.train_task, p.variant is None): cell_spec(spec, p) for p in fixed}
+    costs = [_trial_cost(p, cells[(p.model, p.train_task, p.variant is None)]) for p in fixed]
+    per_model_seconds = dict.fromkeys((m.label for m in spec.models()), 0.0)
+    for p, c in zip(fixed, costs, strict=True):
+        per_model_seconds[p.model or spec.models()[0].label] += c[2]
     n_search = spec.search.n_trials or 0
     if searching and n_search:
         # A searched trial costs about what the first candidate at its defaults costs.
         kind = next(k for k in _kinds(spec) if k.name not in spec.method.baselines)
         values, _ = next(_expand(kind, spec, fixed=True))
-        costs += [_trial_cost(_build(kind, values, spec.seeds[0], {}), spec)] * n_search
+        searched = _trial_cost(_build(kind, values, spec.seeds[0], {}), spec)
+        costs += [searched] * n_search
+        per_model_seconds[spec.models()[0].label] += searched[2] * n_search
     shared_gen = 0.0
-    if spec.evaluation.retention:
-        shared_gen += _eval_examples(spec) * spec.evaluation.max_gen_tokens  # base completions, once
     generators = {c for k in _kinds(spec) for c in k.components if REGISTRY[c].generates_in_setup}
-    for _ in generators:  # e.g. the negative demonstrations: one per training example, once per study
-        shared_gen += _train_examples(spec) * spec.training.max_completion_tokens
+    for model in spec.models():  # generated once per model and cell, never shared across models
+        model_gen = 0.0
+        for task in spec.train_tasks():
+            cell = cell_spec(spec, _Coordinates(model.label, task))
+            if spec.evaluation.retention:
+                model_gen += _eval_examples(cell) * spec.evaluation.max_gen_tokens  # base completions
+            for _ in generators:  # e.g. the negative demonstrations: one per training example
+                model_gen += _train_examples(cell) * spec.training.max_completion_tokens
+        shared_gen += model_gen
+        per_model_seconds[model.label] += MEAN_FILL * model_gen / GEN_TOKENS_PER_S
     variants = list(dict.fromkeys(p.name for p in fixed))
     if searching:
         variants += [n for n in search_candidates(spec) if n not in variants]
@@ -416,12 +494,19 @@ def describe_plan(spec: StudySpec) -> dict[str, Any]:
     subset_seconds = sum(c[2] for p, c in zip(fixed, costs, strict=False) if p.name in named)
     limit = spec.evaluation.limit
     questions = {b: _size(b, "test", limit) for b in spec.evaluation.benchmarks}
+    axes = _axes(spec, fixed)
     return {
         "design": design_summary(spec, subset_seconds),
         "mde": mde_summary(spec, questions),
         "study": spec.name,
-        "model": spec.model.ref,
-        "model_setup": spec.model.dtype + (f", LoRA r={spec.model.lora.r}" if spec.model.lora.enabled else ""),
+        "model": ", ".join(m.ref for m in spec.models()),
+        "model_setup": "; ".join(
+            m.dtype + (f", LoRA r={m.lora.r}" if m.lora.enabled else "") for m in spec.models()
+        ),
+        "axes": axes,
+        "gpu_hours_per_model": {
+            m.label: round(per_model_seconds[m.label] * _size_factor(m.ref) / 3600, 1) for m in spec.models()
+        },
         "sampler": spec.search.sampler,
         "variants": variants,
         "n_variants": len(variants),
@@ -449,6 +534,77 @@ def describe_plan(spec: StudySpec) -> dict[str, Any]:
     }
 
 
+@dataclass
+class _Coordinates:
+    """A (model, training task) cell without a variant, for :func:`harness.axes.cell_spec`."""
+
+    model: str
+    train_task: str | None
+    variant: Any = "trained"
+
+
+def _axes(spec: StudySpec, points: list[TrialPoint]) -> dict[str, Any]:
+    """The study's axes and their product: models x training tasks x trained variants x seeds, plus the
+    base evaluations (one per model under ``per_task``)."""
+    trained = [p for p in points if p.variant is not None]
+    base = [p for p in points if p.variant is None]
+    names = list(dict.fromkeys(p.name for p in trained))
+    tasks = [t or "pooled" for t in spec.train_tasks()]
+    return {
+        "models": [m.label for m in spec.models()],
+        "train_tasks": tasks,
+        "protocol": spec.data.protocol,
+        "trained_variants": names,
+        "seeds": list(spec.seeds),
+        "trained_trials": len(trained),
+        "base_trials": len(base),
+        "cells": {
+            (t or "pooled"): spec.cell_benchmarks(t) for t in spec.train_tasks()
+        },
+    }
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)([BbMm])(?![A-Za-z0-9])")
+
+
+def _size_factor(ref: str) -> float:
+    """GPU time relative to a 7B model, assumed proportional to the parameter count read from the name
+    (``Llama-3.1-8B`` -> 8/7, ``SmolLM2-135M`` -> 0.135/7); a tiny random model costs ~0; unknown: 7B."""
+    if ref.startswith("tiny-random:"):
+        return 0.0
+    if ref.startswith("bundled:"):
+        ref = "135M"
+    found = _SIZE.findall(ref.rsplit("/", 1)[-1])
+    if not found:
+        return 1.0
+    number, unit = found[-1]
+    billions = float(number) / (1000.0 if unit in "Mm" else 1.0)
+    return billions / 7.0
+
+
+def plan_json_lines(spec: StudySpec) -> list[dict[str, Any]]:
+    """One JSON-ready object per trial (``harness run SPEC --dry-run --json``): its coordinates and the
+    resolved hyperparameters its training uses (presets' own values and their batch included)."""
+    out = []
+    for point in grid_points(spec):
+        params: dict[str, Any] = {}
+        if point.variant is not None:
+            params = {k: v for k, v in point.params.items() if not k.startswith("comp.")}
+            params["components"] = list(point.components)
+            params["training.batch_size"] = point.training.batch_size
+        out.append(
+            {
+                "model": point.model,
+                "train_task": point.train_task,
+                "variant": point.name,
+                "variant_kind": point.variant_kind,
+                "seed": point.seed,
+                "params": params,
+            }
+        )
+    return out
+
+
 def format_plan(plan: Mapping[str, Any]) -> str:
     """:func:`describe_plan`'s dict as the few lines ``harness validate`` and ``--dry-run`` print (the one
     plan formatter: both commands show the same facts the same way)."""
@@ -456,7 +612,10 @@ def format_plan(plan: Mapping[str, Any]) -> str:
 
     variants = plan["variants"]
     shown = ", ".join(variants[:10]) + (f", ... ({len(variants) - 10} more)" if len(variants) > 10 else "")
-    if plan["sampler"] == "grid":
+    several = plan.get("axes") and (len(plan["axes"]["models"]) > 1 or plan["axes"]["protocol"] == "per_task")
+    if plan["sampler"] == "grid" and several:
+        trials = f"{plan['n_trials']} (grid over the axes below)"
+    elif plan["sampler"] == "grid":
         axes = "" if plan["n_trials"] == len(variants) * len(plan["seeds"]) else " x hyperparameter axes"
         trials = f"{plan['n_trials']} ({len(variants)} variants x {len(plan['seeds'])} seed(s){axes}, grid)"
     else:
@@ -465,13 +624,32 @@ def format_plan(plan: Mapping[str, Any]) -> str:
         )
         trials = f"{plan['fixed_trials']} fixed (baselines) + {budget} ({plan['sampler']})"
     tokens = plan["generated_tokens"]
+    axes = plan.get("axes")
     lines = [
         f"study {plan['study']}: {plan['model']}" + (f" ({plan['model_setup']})" if "model_setup" in plan else ""),
         f"  variants   {len(variants)}: {shown}",
         f"  trials     {trials}",
+    ]
+    if several:
+        n_trained = len(axes["trained_variants"])
+        lines += [
+            f"  axes       {len(axes['models'])} model(s) x {len(axes['train_tasks'])} training task(s) x "
+            f"{n_trained} trained variant(s) x {len(axes['seeds'])} seed(s) = {axes['trained_trials']} "
+            f"trained trials (x grid axes, if any) + {axes['base_trials']} base evaluation(s)",
+            f"  models     {', '.join(axes['models'])}",
+            f"  protocol   {axes['protocol']}: "
+            + "; ".join(f"{t} -> {', '.join(b)}" for t, b in axes["cells"].items()),
+        ]
+    lines += [
         f"  train      {', '.join(plan['train_benchmarks']) or '-'} "
-        f"({plan['train_examples_per_variant']} examples per variant)",
-        f"  evaluate   {', '.join(plan['eval_benchmarks'])} ({plan['eval_examples_per_trial']} examples per trial)",
+        f"({plan['train_examples_per_variant']} examples per variant"
+        + (", over all task models)" if several and plan["axes"]["protocol"] == "per_task" else ")"),
+        f"  evaluate   {', '.join(plan['eval_benchmarks'])} ({plan['eval_examples_per_trial']} examples "
+        + (
+            "over all cells; a trained trial scores its own cell)"
+            if several and plan["axes"]["protocol"] == "per_task"
+            else "per trial)"
+        ),
         f"  seeds      {', '.join(map(str, plan['seeds']))}",
         f"  objectives {', '.join(plan['objectives'])}",
     ]
@@ -481,6 +659,9 @@ def format_plan(plan: Mapping[str, Any]) -> str:
         f"  generated tokens ~{tokens['estimate']:,} (at most {tokens['upper_bound']:,})",
         f"  GPU hours (7B model) ~{plan['gpu_hours_7b']:,}  [{plan['assumptions']}]",
         *format_sizing(plan),
+        "  GPU hours per model  "
+        + ", ".join(f"{m} ~{h:,}" for m, h in plan.get("gpu_hours_per_model", {}).items())
+        + "  [7B figures scaled by the parameter count in the model's name]",
         f"  output     {plan['output_dir']}  (optuna {plan['storage']}; mlflow {plan['tracking_uri']})",
     ]
     return "\n".join(lines)

@@ -80,6 +80,8 @@ _BENCHMARK_RECORDS = freeze_benchmarks("harness.spec (the benchmark literal)")
 BENCHMARKS: tuple[str, ...] = tuple(_BENCHMARK_RECORDS)
 EVAL_ONLY_BENCHMARKS: frozenset[str] = frozenset(n for n, b in _BENCHMARK_RECORDS.items() if not b.trainable)
 CODE_BENCHMARKS: frozenset[str] = frozenset(n for n, b in _BENCHMARK_RECORDS.items() if b.kind == "code")
+# The paper's transfer cells: the ScienceQA model is also scored on GPQA, the MBPP model on HumanEval.
+DEFAULT_TRANSFER: dict[str, tuple[str, ...]] = {"scienceqa": ("gpqa",), "mbpp": ("humaneval",)}
 BASELINES: tuple[str, ...] = ("base", "sft", "sdft", "gkd")
 COMPONENT_CONFIGS: dict[str, type[BaseModel]] = {name: m.config for name, m in mechanisms().items()}
 # The presets of unisd_components.presets and the components they enable (unisd-method.md section 2).
@@ -295,11 +297,24 @@ class LoRASpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    """The model every variant starts from (also the frozen teacher and the retention reference)."""
+    """The model every variant starts from (also the frozen teacher and the retention reference).
+
+    A study's ``model`` may be a list of these (the model axis): each trains every variant of its own,
+    and ``name`` labels it in trial coordinates, caches and report tables.
+    """
 
     ref: str = Field(
         min_length=1,
-        description="HF hub id, local directory, bundled:smollm2-135m-instruct or tiny-random:llama",
+        description="HF hub id, local directory, bundled:smollm2-135m-instruct, tiny-random:llama or "
+        "tiny-random:qwen2",
+    )
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="short name for tables and paths; None: the last part of ref",
+    )
+    batch_size: int | None = Field(
+        None, ge=1, description="per-device training batch for this model; None: training.batch_size"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str | None = Field(None, description="cpu, cuda, cuda:1 ...; None: cuda when available")
@@ -308,7 +323,7 @@ class ModelSpec(_Strict):
     @field_validator("ref")
     @classmethod
     def _known_scheme(cls, ref: str) -> str:
-        known = {"bundled": ("smollm2-135m-instruct",), "tiny-random": ("llama",)}
+        known = {"bundled": ("smollm2-135m-instruct",), "tiny-random": ("llama", "qwen2")}
         scheme, sep, rest = ref.partition(":")
         if sep and scheme in known and rest not in known[scheme]:
             valid = ", ".join(f"{scheme}:{name}" for name in known[scheme])
@@ -321,6 +336,13 @@ class ModelSpec(_Strict):
         if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
             raise ValueError(f"must be cpu, cuda, cuda:N or mps (got {device!r})")
         return device
+
+    @property
+    def label(self) -> str:
+        """The model's short name: ``name``, else the last part of ``ref`` (``Qwen2.5-7B-Instruct``)."""
+        if self.name:
+            return self.name
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.ref.rstrip("/").rsplit("/", 1)[-1]).strip("-") or "model"
 
     @model_validator(mode="after")
     def _no_half_on_cpu(self) -> ModelSpec:
@@ -342,6 +364,15 @@ class DataSpec(_Strict):
     split_seed: int = Field(0, description="seed of the deterministic subsampling")
     data_dir: str | None = Field(
         None, description="local benchmark files; None: $UNISD_DATA_DIR, else the hub"
+    )
+    protocol: Literal["per_task", "pooled"] = Field(
+        "pooled",
+        description="per_task: one model per training benchmark, scored on it and its transfer benchmarks "
+        "(the paper's protocol); pooled: one model on all training benchmarks together",
+    )
+    transfer: dict[Benchmark, list[Benchmark]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_TRANSFER.items()},
+        description="per_task: the benchmarks a training task's model is also scored on (transfer cells)",
     )
 
     @field_validator("train")
@@ -405,8 +436,34 @@ SubsetsType = Annotated[
 ]
 
 
+class _PresetOverrideBase(_Strict):
+    """Changes to one named preset (``method.preset_overrides.<preset>``); unset fields keep its values.
+
+    Why a section of its own: a preset is a recipe with its own values (unisd-method.md section 2). The
+    component sections of ``method`` configure the factorial subsets and never reach a preset, so a
+    study cannot silently turn ``unisd_star_paper`` into another subset under the paper's name.
+    """
+
+    alpha: _ALPHA_TYPE = _ALPHA_FIELD  # type: ignore[valid-type]
+    kl_to_base_beta: _KL_TYPE = _KL_FIELD  # type: ignore[valid-type]
+
+
+# One optional section per registered mechanism, as in MethodSpec.
+PresetOverrideSpec = create_model(
+    "PresetOverrideSpec",
+    __base__=_PresetOverrideBase,
+    __module__=__name__,
+    __doc__=_PresetOverrideBase.__doc__,
+    **{name: (section | None, None) for name, section in COMPONENT_SECTIONS.items()},
+)
+
+
 class _MethodSpecBase(_Strict):
-    """Which variants to train: baselines, component subsets, presets, and their hyperparameters."""
+    """Which variants to train: baselines, component subsets, presets, and their hyperparameters.
+
+    The component sections (``agreement``, ``ema`` ...) and ``alpha``/``kl_to_base_beta`` apply to the
+    subsets; a preset keeps its own values unless ``preset_overrides.<preset>`` changes them.
+    """
 
     baselines: list[BaselineName] = Field(default_factory=list, description="base, sft, sdft, gkd")
     components: list[ComponentName] = Field(
@@ -419,6 +476,11 @@ class _MethodSpecBase(_Strict):
         " (a regular fraction of the subsets of `components`)",
     )
     presets: list[PresetName] = Field(default_factory=list, description="named recipes: unisd_star ...")
+    preset_overrides: dict[PresetName, PresetOverrideSpec] = Field(
+        default_factory=dict,
+        description="per preset: values (or search spaces) replacing the preset's own; the component "
+        "sections above never apply to presets",
+    )
     alpha: _ALPHA_TYPE = _ALPHA_FIELD  # type: ignore[valid-type]
     kl_to_base_beta: _KL_TYPE = _KL_FIELD  # type: ignore[valid-type]
     # then one section per mechanism and gkd: see MethodSpec below
@@ -471,12 +533,26 @@ class _MethodSpecBase(_Strict):
                 seen.append(canon)
         if not (self.baselines or self.presets or self.subset_list()):
             raise _FieldProblem((), "nothing to run: set baselines, subsets or presets")
-        enabled = self.enabled_anywhere()
+        in_subsets = {c for subset in self.subset_list() for c in subset}
         for name in COMPONENT_NAMES:
-            if getattr(self, name) is not None and name not in enabled:
-                raise _FieldProblem(
-                    (name,), "configured but no subset or preset enables it (add it to method.subsets)"
-                )
+            if getattr(self, name) is not None and name not in in_subsets:
+                hint = "add it to method.subsets"
+                if name in self.enabled_anywhere():
+                    presets = [p for p in self.presets if name in PRESET_COMPONENTS[p]]
+                    hint = (
+                        f"component sections configure subsets only; to change preset {presets[0]} "
+                        f"write method.preset_overrides.{presets[0]}.{name}"
+                    )
+                raise _FieldProblem((name,), f"configured but no subset enables it ({hint})")
+        for preset, override in self.preset_overrides.items():
+            if preset not in self.presets:
+                raise _FieldProblem(("preset_overrides", preset), f"{preset} is not in method.presets")
+            for name in COMPONENT_NAMES:
+                if getattr(override, name) is not None and name not in PRESET_COMPONENTS[preset]:
+                    raise _FieldProblem(
+                        ("preset_overrides", preset, name),
+                        f"{preset} does not enable {name} (it enables {', '.join(PRESET_COMPONENTS[preset])})",
+                    )
         if self.gkd is not None and "gkd" not in self.baselines:
             raise _FieldProblem(
                 ("gkd",), "gkd parameters without the gkd baseline (add gkd to method.baselines)"
@@ -538,14 +614,38 @@ class TrackingSpec(_Strict):
     experiment: str | None = Field(None, description="MLflow experiment; None: the study name")
 
 
+def _check_models(value: Any) -> Any:
+    if isinstance(value, list):
+        names = [m.label for m in value]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise _FieldProblem((i, "name"), f"model name {name!r} used twice (set a distinct name)")
+    return value
+
+
+ModelsType = Annotated[
+    Union[  # noqa: UP007
+        Annotated[ModelSpec, Tag("<one>")],
+        Annotated[list[ModelSpec], Tag("<list>"), Field(min_length=1)],
+    ],
+    Discriminator(lambda v: "<list>" if isinstance(v, list) else "<one>"),
+    AfterValidator(_check_models),
+]
+
+
 class StudySpec(_Strict):
-    """One study: what to train, how to evaluate, how to search, where results go."""
+    """One study: what to train, how to evaluate, how to search, where results go.
+
+    Its axes multiply in ``harness.plan``: models (``model`` may be a list) x training tasks
+    (``data.protocol: per_task``: one per training benchmark; ``pooled``: one, all together) x variants x
+    seeds.
+    """
 
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="study name (Optuna, MLflow, paths)"
     )
     description: str = ""
-    model: ModelSpec
+    model: ModelsType = Field(description="one model section, or a list of them (the model axis)")
     data: DataSpec = Field(default_factory=DataSpec)
     method: MethodSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)  # type: ignore[valid-type]
@@ -602,6 +702,25 @@ class StudySpec(_Strict):
 
     # ---- derived facts ------------------------------------------------------------------------------
 
+    def _check_axes(self) -> None:
+        _check_axes_of(self)
+
+    def models(self) -> list[ModelSpec]:
+        """The model axis: every model section, in spec order (one for a single ``model`` mapping)."""
+        return list(self.model) if isinstance(self.model, list) else [self.model]
+
+    def train_tasks(self) -> list[str | None]:
+        """The training-task axis: each training benchmark under ``per_task``; ``[None]`` (all pooled)."""
+        return list(self.data.train) if self.data.protocol == "per_task" else [None]
+
+    def cell_benchmarks(self, train_task: str | None) -> list[str]:
+        """What the model trained on ``train_task`` is scored on: that task and its transfer benchmarks,
+        in ``evaluation.benchmarks`` order (every benchmark when pooled, or for the base model: None)."""
+        if train_task is None:
+            return list(self.evaluation.benchmarks)
+        mine = {train_task, *self.data.transfer.get(train_task, [])}  # type: ignore[call-overload]
+        return [b for b in self.evaluation.benchmarks if b in mine]
+
     def spaces(self) -> dict[str, Space]:
         """Every search space of the spec by its parameter name (``agreement.gamma``, ``training.learning_rate``)."""
         out: dict[str, Space] = {}
@@ -612,6 +731,14 @@ class StudySpec(_Strict):
             for key, value in section_values(getattr(self.method, name)).items():
                 if is_space(value):
                     out[f"{name}.{key}"] = value
+        for override in self.method.preset_overrides.values():
+            for key in ("alpha", "kl_to_base_beta"):
+                if key in override.model_fields_set and is_space(getattr(override, key)):
+                    out.setdefault(key, getattr(override, key))
+            for name in COMPONENT_NAMES:
+                for key, value in section_values(getattr(override, name)).items():
+                    if is_space(value):
+                        out.setdefault(f"{name}.{key}", value)
         for key, value in section_values(self.training).items():
             if is_space(value):
                 out[f"training.{key}"] = value
@@ -632,6 +759,7 @@ class StudySpec(_Strict):
         trains = any(b != "base" for b in method.baselines) or method.presets or method.subset_list()
         if trains and not self.data.train:
             raise _FieldProblem(("data", "train"), "variants to train but no training benchmark")
+        self._check_axes()
         valid = self.metric_names()
         for i, objective in enumerate(search.objectives):
             if objective.metric not in valid:
@@ -687,6 +815,38 @@ class StudySpec(_Strict):
             if self.data.dev_size is None:
                 raise _FieldProblem(("search", "pruner"), "pruning needs a dev split: set data.dev_size")
         return self
+
+
+def _check_axes_of(spec: StudySpec) -> None:
+    """Per-task cells must be scoreable, and searches run one model on pooled data."""
+    data, evaluation = spec.data, spec.evaluation
+    if data.protocol == "per_task":
+        for i, task in enumerate(data.train):
+            if task not in evaluation.benchmarks:
+                raise _FieldProblem(
+                    ("data", "train", i),
+                    f"per_task: {task} must be in evaluation.benchmarks (the in-domain cell of its model)",
+                )
+        reachable = {t for t in data.train} | {b for t in data.train for b in data.transfer.get(t, [])}
+        for i, bench in enumerate(evaluation.benchmarks):
+            if bench not in reachable:
+                raise _FieldProblem(
+                    ("evaluation", "benchmarks", i),
+                    f"per_task: {bench} is neither a training task nor a transfer target of one "
+                    "(declare it in data.transfer, e.g. {scienceqa: [gpqa]})",
+                )
+        for i, objective in enumerate(spec.search.objectives):
+            if objective.metric not in METRICS_GLOBAL:
+                raise _FieldProblem(
+                    ("search", "objectives", i, "metric"),
+                    f"per_task: each trial scores only its own cell; use one of {', '.join(METRICS_GLOBAL)}",
+                )
+    if spec.search.sampler != "grid" and (len(spec.models()) > 1 or data.protocol == "per_task"):
+        raise _FieldProblem(
+            ("search", "sampler"),
+            f"{spec.search.sampler} searches one model on pooled data; use sampler grid for a model list "
+            "or data.protocol per_task",
+        )
 
 
 def _space_path(key: str) -> tuple[str, ...]:
@@ -914,8 +1074,16 @@ def fixed_spec_data(spec: StudySpec, params: Mapping[str, Any], *, name: str | N
     if chosen is None:
         candidates = [s for s in spec.method.subset_list() if s or "sdft" not in spec.method.baselines]
         chosen = spec.method.presets[0] if spec.method.presets else "unisd[" + "+".join(candidates[0]) + "]"
-    if chosen in PRESET_COMPONENTS:
+    preset = chosen if chosen in PRESET_COMPONENTS else None
+    overrides = method.pop("preset_overrides", {}) or {}
+    if preset is not None:
         method["presets"], method["subsets"], enabled = [chosen], [], set(PRESET_COMPONENTS[chosen])
+        # a preset takes values only through preset_overrides.<name>: the drawn ones go there
+        method["preset_overrides"] = {preset: overrides.get(preset, {})}
+        for component in COMPONENT_NAMES:
+            method.pop(component, None)
+        for key in ("alpha", "kl_to_base_beta"):
+            method.pop(key, None)
     else:
         subset = chosen.removeprefix("unisd[").removesuffix("]").split("+") if chosen != "sdft" else []
         method["presets"], method["subsets"], enabled = [], [subset], set(subset)
@@ -930,6 +1098,8 @@ def fixed_spec_data(spec: StudySpec, params: Mapping[str, Any], *, name: str | N
         if parents[:1] == ["method"] and len(parents) > 1 and parents[1] in COMPONENT_NAMES:
             if parents[1] not in enabled:  # drawn for a component the chosen variant does not use
                 continue
+        if preset is not None and parents[:1] == ["method"]:
+            parents = ["method", "preset_overrides", preset, *parents[1:]]
         node = data
         for part in parents:
             node = node.setdefault(part, {})

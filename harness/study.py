@@ -462,12 +462,14 @@ def _run_one(
     import optuna
     from optuna.trial import TrialState
 
+    from harness.axes import cell_cache_dir, cell_spec
     from harness.library_output import trial_output
     from harness.plan import point_key, point_summary
     from harness.tracking import TrialRun
     from harness.trial import TrialContext, run_trial
 
-    spec = args.spec
+    study_spec = args.spec
+    spec = cell_spec(study_spec, point)  # the trial sees one model, and under per_task one training task
     trial_fn = args.trial_fn or run_trial
     number = trial.number
     summary = dict(point_summary(point))
@@ -485,6 +487,9 @@ def _run_one(
         components=summary.get("components", {}),
         params=summary.get("params", {}),
         point_key=point_key(point),
+        extra_tags={
+            k: summary[k] for k in ("model", "train_task", "variant_kind") if summary.get(k) is not None
+        },
     )
     trial.set_user_attr("mlflow_run_id", run.run_id)
     trial_dir = spec.output_path.resolve() / "trials" / str(number)
@@ -493,7 +498,7 @@ def _run_one(
         number=number,
         output_dir=spec.output_path.resolve(),
         trial_dir=trial_dir,
-        cache_dir=spec.output_path.resolve() / "cache",
+        cache_dir=cell_cache_dir(study_spec, point, spec.output_path.resolve()),
         run=run,
         progress=progress,
         optuna_trial=trial if spec.search.pruner != "none" else None,
@@ -739,7 +744,7 @@ def _check_gpus_per_trial(spec: StudySpec, workers: int, gpus_per_trial: int) ->
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     wanted = workers * gpus_per_trial
-    if spec.model.device != "cpu" and count and wanted > count:
+    if any(m.device != "cpu" for m in spec.models()) and count and wanted > count:
         raise HarnessError(
             f"--workers {workers} x --gpus-per-trial {gpus_per_trial} needs {wanted} GPUs; this machine has {count}"
         )
@@ -928,9 +933,12 @@ def _start_warm_up(spec: StudySpec) -> threading.Thread:
 
     def warm() -> None:
         try:
+            from harness.axes import cell_spec
+            from harness.plan import grid_points
             from harness.trial import warm_up
 
-            warm_up(spec)
+            points = grid_points(spec)
+            warm_up(cell_spec(spec, points[0]) if points else spec)
         except BaseException:  # noqa: BLE001
             pass
 
@@ -970,6 +978,8 @@ def status(spec: StudySpec, *, storage: str | None = None) -> dict[str, Any]:
                 "number": t.number,
                 "state": t.state.name,
                 "variant": attrs.get("variant"),
+                "model": attrs.get("model"),
+                "train_task": attrs.get("train_task"),
                 "seed": attrs.get("seed"),
                 "params": params,
                 "values": list(t.values) if t.values is not None else None,

@@ -189,7 +189,7 @@ def init_tracking(spec: StudySpec, *, parent_run_id: str | None = None) -> Study
         client.log_artifact(run_id, str(spec.source), "spec")
     client.log_dict(run_id, versions, "environment/package_versions.json")
     params = [
-        Param("model", spec.model.ref),
+        Param("model", ", ".join(m.ref for m in spec.models())),
         Param("sampler", spec.search.sampler),
         Param("objectives", ",".join(f"{o.metric}:{o.direction}" for o in spec.search.objectives)),
         Param("eval_benchmarks", ",".join(spec.evaluation.benchmarks)),
@@ -297,8 +297,12 @@ class TrialRun:
         params: Mapping[str, Any],
         point_key: str | None = None,
         system_metrics: bool = True,
+        extra_tags: Mapping[str, Any] | None = None,
     ) -> TrialRun:
-        """Open the child run: flat params (one boolean per component), tags naming the variant."""
+        """Open the child run: flat params (one boolean per component), tags naming the variant.
+
+        ``extra_tags``: the trial's coordinates on the study's axes (``model``, ``train_task``,
+        ``variant_kind``), read back as columns by :func:`load_results`."""
         from mlflow.entities import Param
 
         client = _client(tracking.tracking_uri)
@@ -316,6 +320,7 @@ class TrialRun:
         }
         if point_key:
             tags["point_key"] = point_key
+        tags.update({k: str(v) for k, v in (extra_tags or {}).items()})
         run = _retry(
             client.create_run, tracking.experiment_id, tags=tags, run_name=f"{trial_number}:{variant}"
         )
@@ -391,6 +396,7 @@ def _parse_param(text: str) -> Any:
 
 
 _FIXED_PARAMS = {"variant", "family", "seed"}
+_AXIS_TAGS = ("model", "train_task", "variant_kind")
 
 
 def load_results(spec: StudySpec, output_dir: str | Path | None = None) -> pd.DataFrame:
@@ -436,6 +442,9 @@ def load_results(spec: StudySpec, output_dir: str | Path | None = None) -> pd.Da
             "family": tags.get("family", params.get("family", "")),
             "seed": int(tags.get("seed", params.get("seed", 0))),
         }
+        for name in _AXIS_TAGS:  # the trial's coordinates on the study's axes, when it has them
+            if name in tags:
+                row[name] = tags[name]
         for name in COMPONENT_NAMES:
             row[name] = int(params.get(f"component.{name}", "false") == "true")
         for key, value in sorted(params.items()):
@@ -449,6 +458,8 @@ def load_results(spec: StudySpec, output_dir: str | Path | None = None) -> pd.Da
         row["mlflow_run_id"] = run.info.run_id
         rows.append(row)
     columns = ["trial", "state", "variant", "family", "seed", *COMPONENT_NAMES]
+    axis_columns = [c for c in _AXIS_TAGS if any(c in r for r in rows)]
+    columns = [*columns[:5], *axis_columns, *columns[5:]]
     if not rows:
         return pd.DataFrame(columns=[*columns, "train_seconds", "generated_tokens", "mlflow_run_id"])
     frame = pd.DataFrame(rows)

@@ -70,7 +70,9 @@ def test_summary_counts_smoke_and_full_ablation(capsys):
     assert "variants   4:" in out and "trials     4 (4 variants x 1 seed(s), grid)" in out
     assert "evaluate   scienceqa, mbpp (8 examples per trial)" in out
     _, out, _ = _run(capsys, "validate", str(REPO / "studies" / "full_ablation.yaml"))
-    assert "variants   36:" in out and "trials     108 (36 variants x 3 seed(s), grid)" in out
+    assert "variants   36:" in out and "trials     842 (grid over the axes below)" in out
+    assert "2 model(s) x 4 training task(s) x 35 trained variant(s) x 3 seed(s) = 840 trained trials" in out
+    assert "protocol   per_task: scienceqa -> scienceqa, gpqa" in out and "llama-3.1-8b" in out
     # the same lines as the dry-run plan: one formatter
     from harness.plan import describe_plan, format_plan
     from harness.spec import load_spec
@@ -110,7 +112,8 @@ def test_list_where_a_mapping_belongs(capsys, tmp_path):
     path = _write(
         tmp_path, VALID.replace("model:\n  ref: tiny-random:llama", "model:\n  - tiny-random:llama")
     )
-    assert _fails(capsys, path) == f"{path}:2: model: must be a mapping (got a list)"
+    # a list of models is the model axis: each entry must be a model section
+    assert _fails(capsys, path) == f"{path}:3: model[0]: must be a mapping (got 'tiny-random:llama')"
 
 
 def test_unknown_key_suggests_the_closest(capsys, tmp_path):
@@ -209,7 +212,7 @@ def test_gkd_parameters_without_the_gkd_baseline(capsys, tmp_path):
 
 def test_component_configured_but_never_enabled(capsys, tmp_path):
     path = _write(tmp_path, VALID.replace("  ema:\n", "  clipping: {mode: static}\n  ema:\n"))
-    assert "method.clipping: configured but no subset or preset enables it" in _fails(capsys, path)
+    assert "method.clipping: configured but no subset enables it" in _fails(capsys, path)
 
 
 def test_search_space_bound_outside_the_field_range(capsys, tmp_path):
@@ -312,3 +315,84 @@ def test_training_seed_points_to_the_seeds_list(capsys, tmp_path):
         _fails(capsys, path)
         == f"{path}:14: training.seed: unknown key (seeds are the top-level list `seeds: [0, 1, 2]`)"
     )
+
+
+def test_dry_run_json_lists_every_trial_of_full_ablation_with_resolved_params(capsys):
+    code, out, _ = _run(capsys, "run", str(REPO / "studies" / "full_ablation.yaml"), "--dry-run", "--json")
+    assert code == 0
+    trials = [json.loads(line) for line in out.splitlines()]
+    assert all(set(t) >= {"model", "train_task", "variant", "seed", "params"} for t in trials)
+    base = [t for t in trials if t["variant"] == "base"]
+    assert [(t["model"], t["train_task"], t["seed"]) for t in base] == [
+        ("qwen2.5-7b", None, 0),
+        ("llama-3.1-8b", None, 0),
+    ]
+    trained = [t for t in trials if t["variant"] != "base"]
+    coords = {(t["model"], t["train_task"], t["variant"], t["seed"]) for t in trained}
+    variants = {t["variant"] for t in trained}
+    assert len(variants) == 35 and {"sft", "sdft", "gkd", "unisd_star_paper"} <= variants
+    assert len(coords) == len(trained) == 2 * 4 * 35 * 3
+    assert {t["train_task"] for t in trained} == {"scienceqa", "mbpp", "cos_e", "toolalpaca"}
+    for t in (t for t in trained if t["variant"] == "unisd_star_paper"):
+        p = t["params"]
+        assert (p["agreement.gamma"], p["contrastive.weight"], p["contrastive.margin"]) == (0.001, 0.01, 0.1)
+        assert (p["ema.beta"], p["ema.sync_steps"], p["feature_matching.weight"]) == (0.98, 10, 0.01)
+        assert p["training.batch_size"] == 2 and t["variant_kind"] == "preset"
+    subset = next(t for t in trained if t["variant"] == "unisd[agreement+contrastive+ema+feature_matching]")
+    assert subset["params"]["agreement.gamma"] == 1.0 and subset["params"]["training.batch_size"] == 4
+
+
+def test_json_without_dry_run_is_a_user_error(capsys):
+    code, _, err = _run(capsys, "run", str(REPO / "studies" / "smoke.yaml"), "--json")
+    assert code == 2 and "--json only applies with --dry-run" in err
+
+
+AXES = VALID.replace(
+    "model:\n  ref: tiny-random:llama\n",
+    "model:\n  - {name: a, ref: tiny-random:llama}\n  - {name: b, ref: tiny-random:qwen2, batch_size: 2}\n",
+).replace("  train: [scienceqa]\n", "  protocol: per_task\n  train: [scienceqa, mbpp]\n")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("{name: b, ref", "{name: a, ref", "model[1].name: model name 'a' used twice"),
+        (
+            "benchmarks: [scienceqa, mbpp]",
+            "benchmarks: [scienceqa, mbpp, humaneval, cos_e]",
+            "evaluation.benchmarks[3]: per_task: cos_e is neither a training task nor a transfer target",
+        ),
+        (
+            "train: [scienceqa, mbpp]",
+            "train: [scienceqa, cos_e]",
+            "data.train[1]: per_task: cos_e must be in evaluation.benchmarks",
+        ),
+        (
+            "limit: 2",
+            "limit: 2\nsearch: {sampler: random, n_trials: 2}",
+            "search.sampler: random searches one model on pooled data",
+        ),
+        (
+            "limit: 2",
+            "limit: 2\nsearch: {objectives: [{metric: scienceqa.acc}]}",
+            "per_task: each trial scores only its own cell",
+        ),
+        (
+            "    beta: 0.5",
+            "    beta: 0.5\n  preset_overrides: {unisd_star: {ema: {beta: 0.8}}}",
+            "method.preset_overrides.unisd_star: unisd_star is not in method.presets",
+        ),
+    ],
+)
+def test_axes_errors_are_one_line(capsys, tmp_path, old, new, message):
+    assert old in AXES
+    assert message in _fails(capsys, _write(tmp_path, AXES.replace(old, new)))
+
+
+def test_axes_spec_validates_and_summarises(capsys, tmp_path):
+    code, out, _ = _run(capsys, "validate", str(_write(tmp_path, AXES)))
+    assert code == 0, out
+    # 2 models x 2 tasks x (sft, unisd[ema]) x 1 seed + base once per model
+    assert "trials     10 (grid over the axes below)" in out
+    assert "2 model(s) x 2 training task(s) x 2 trained variant(s) x 1 seed(s) = 8 trained trials" in out
+    assert "models     a, b" in out and "tiny-random:llama, tiny-random:qwen2" in out

@@ -72,3 +72,15 @@ def test_bundled_smollm2_answers_and_reloads_from_cache(monkeypatch, tmp_path):
     print(f"first load (dequantize + cache) {first:.1f}s, reload from cache {second:.1f}s")
     for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_tiny_random_qwen2_is_a_second_architecture_with_the_bundled_tokenizer(bundled_tokenizer):
+    model, tokenizer = load_model("tiny-random:qwen2", device="cpu")
+    again, _ = load_model("tiny-random:qwen2", device="cpu")
+    assert model.config.model_type == "qwen2" and type(model).__name__ == "Qwen2ForCausalLM"
+    assert model.model.layers[0].self_attn.q_proj.bias is not None  # Qwen2's attention biases
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert len(tokenizer) == len(bundled_tokenizer) == model.config.vocab_size
+    ids = tokenizer("hi", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 3

@@ -51,22 +51,49 @@ def test_smoke_has_four_variants():
     assert all(p.training.max_steps == 2 and p.training.max_completion_tokens == 16 for p in points)
 
 
-def test_full_ablation_is_36_variants_times_3_seeds():
+def test_full_ablation_is_the_papers_protocol_models_x_tasks_x_variants_x_seeds():
     points = grid_points(load_spec(REPO / "studies" / "full_ablation.yaml"))
-    assert len(points) == 108
-    names = list(dict.fromkeys(p.name for p in points))
-    assert len(names) == 36
-    assert names[:4] == ["base", "sft", "sdft", "gkd"]  # baselines first
-    assert {p.components for p in points} == {
+    base = [p for p in points if p.variant is None]
+    trained = [p for p in points if p.variant is not None]
+    models = ["qwen2.5-7b", "llama-3.1-8b"]
+    tasks = ["scienceqa", "mbpp", "cos_e", "toolalpaca"]
+    # the base model once per model: it depends on neither the task nor the seed
+    assert [(p.model, p.train_task, p.seed) for p in base] == [(m, None, 0) for m in models]
+    assert len(trained) == 2 * 4 * 35 * 3 and len(points) == 842
+    assert {(p.model, p.train_task) for p in trained} == {(m, t) for m in models for t in tasks}
+    names = list(dict.fromkeys(p.name for p in trained))
+    assert len(names) == 35 and names[:3] == ["sft", "sdft", "gkd"]  # baselines first, then 31 subsets
+    assert names[-1] == "unisd_star_paper"
+    assert {p.components for p in trained if p.variant_kind in ("factorial",)} == {
         tuple(c for j, c in enumerate(COMPONENT_NAMES) if mask >> j & 1) for mask in range(32)
     }
     keys = [point_key(p) for p in points]
-    assert len(set(keys)) == 108
-    # Every variant config is distinct (no point is run twice under two names).
-    configs = {(p.variant.model_dump_json() if p.variant else "base", p.training.batch_size) for p in points}
-    assert len(configs) == 36
-    assert {p.seed for p in points} == {0, 1, 2}
-    assert all(p.training.learning_rate == 2e-5 and p.training.grad_accum == 4 for p in points)
+    assert len(set(keys)) == 842 and "llama-3.1-8b/mbpp/unisd[ema]/seed=2" in keys
+    # Every variant config of one cell is distinct (no point is run twice under two names).
+    cell = [p for p in trained if p.model == "qwen2.5-7b" and p.train_task == "scienceqa" and p.seed == 0]
+    configs = {(p.variant.model_dump_json(), p.training.batch_size) for p in cell}
+    assert len(configs) == 35
+    assert {p.seed for p in trained} == {0, 1, 2}
+    assert all(p.training.learning_rate == 2e-5 and p.training.grad_accum == 4 for p in trained)
+    assert {p.training.batch_size for p in trained if p.variant_kind != "preset"} == {4}
+
+
+def test_full_ablation_preset_keeps_the_papers_values_whatever_the_subset_sections_say():
+    """Defect 1: the study's component sections (gamma 1, lambda_c 0.1 ...) configure the subsets only."""
+    points = grid_points(load_spec(REPO / "studies" / "full_ablation.yaml"))
+    paper = [p for p in points if p.name == "unisd_star_paper"]
+    assert len(paper) == 2 * 4 * 3 and all(p.variant_kind == "preset" for p in paper)
+    for p in paper:
+        v = p.variant
+        assert (v.agreement.gamma, v.agreement.k, v.agreement.strategy) == (0.001, 3, "retrieval")
+        assert (v.contrastive.weight, v.contrastive.margin) == (0.01, 0.1)
+        assert (v.ema.beta, v.ema.sync_steps) == (0.98, 10)
+        assert v.feature_matching.weight == 0.01 and v.clipping is None and v.alpha == 0.0
+        assert p.training.batch_size == 2  # half of the models' batch 4
+        assert p.params["agreement.gamma"] == 0.001 and p.params["training.batch_size"] == 2
+    same = [p for p in points if p.name == "unisd[agreement+contrastive+ema+feature_matching]"][0]
+    assert same.variant.agreement.gamma == 1.0 and same.variant.ema.beta == 0.9
+    assert same.variant != paper[0].variant
 
 
 def test_quickstart_trains_on_64_examples_per_variant():
@@ -106,15 +133,36 @@ def test_grid_expands_choices_and_integer_ranges(tmp_path):
     assert len(keys) == 12 and "unisd[ema]/seed=0/ema.beta=0.5/ema.sync_steps=3" in keys
 
 
-def test_user_values_override_a_preset_and_the_paper_preset_halves_the_batch(tmp_path):
-    text = BASE.replace("subsets: [[ema]]", "presets: [unisd_star, unisd_star_paper]\n  ema: {beta: 0.7}")
+def test_a_preset_changes_only_through_preset_overrides_and_the_paper_preset_halves_the_batch(tmp_path):
+    text = BASE.replace(
+        "subsets: [[ema]]",
+        "subsets: [[ema]]\n  ema: {beta: 0.7}\n  presets: [unisd_star, unisd_star_paper]\n"
+        "  preset_overrides: {unisd_star: {ema: {beta: 0.8}, alpha: 0.5}}",
+    )
     points = {p.name: p for p in grid_points(_spec(tmp_path, text)) if p.seed == 0}
-    star, paper = points["unisd_star"], points["unisd_star_paper"]
-    assert star.variant.ema.beta == 0.7 and paper.variant.ema.beta == 0.7  # written in the spec: wins
-    assert paper.variant.agreement.gamma == 0.001 and star.variant.agreement.gamma == 1.0  # preset values
+    star, paper, subset = points["unisd_star"], points["unisd_star_paper"], points["unisd[ema]"]
+    assert subset.variant.ema.beta == 0.7  # the component section configures the subset
+    assert star.variant.ema.beta == 0.8 and star.variant.alpha == 0.5  # overridden by the preset's name
+    assert paper.variant.ema.beta == 0.98 and paper.variant.alpha == 0.0  # the preset's own values
+    assert paper.variant.agreement.gamma == 0.001 and star.variant.agreement.gamma == 1.0
     assert paper.variant.ema.sync_steps == 10
     assert star.training.batch_size == 4 and paper.training.batch_size == 2
     assert paper.params["training.batch_size"] == 2
+    assert [p.variant_kind for p in (star, paper, subset, points["sdft"], points["sft"])] == [
+        "preset",
+        "preset",
+        "factorial",
+        "factorial",
+        "baseline",
+    ]
+
+
+def test_a_component_section_only_a_preset_uses_is_refused(tmp_path):
+    from harness.errors import SpecError
+
+    text = BASE.replace("subsets: [[ema]]", "presets: [unisd_star_paper]\n  agreement: {gamma: 1.0}")
+    with pytest.raises(SpecError, match="preset_overrides.unisd_star_paper.agreement"):
+        _spec(tmp_path, text)
 
 
 def test_suggest_point_on_a_real_optuna_study(tmp_path):
@@ -181,8 +229,11 @@ def test_describe_plan_counts_and_tokens():
     # = 128; once per study: base completions for retention 8 x 16 = 128.
     assert plan["generated_tokens"]["upper_bound"] == 4 * (128 + 128) + 128
     full = describe_plan(load_spec(REPO / "studies" / "full_ablation.yaml"))
-    assert full["n_trials"] == 108 and full["n_variants"] == 36
+    assert full["n_trials"] == 842 and full["n_variants"] == 36
+    assert full["axes"]["trained_trials"] == 840 and full["axes"]["base_trials"] == 2
     assert full["gpu_hours_7b"] > 10
+    hours = full["gpu_hours_per_model"]
+    assert set(hours) == {"qwen2.5-7b", "llama-3.1-8b"} and hours["llama-3.1-8b"] > hours["qwen2.5-7b"] > 10
     search = describe_plan(load_spec(REPO / "studies" / "unisd_full_search.yaml"))
     assert search["n_trials"] == 61 and search["searched_trials"] == 60
     assert "agreement.gamma" in search["search_space"]
@@ -202,7 +253,11 @@ def test_base_point_records_the_study_training_but_no_hyperparameters(tmp_path):
 
 def test_format_plan_states_trials_and_gpu_hours():
     text = format_plan(describe_plan(load_spec(REPO / "studies" / "full_ablation.yaml")))
-    assert "trials     108 (36 variants x 3 seed(s), grid)" in text
-    assert "GPU hours (7B model) ~" in text
+    assert "trials     842 (grid over the axes below)" in text
+    assert (
+        "2 model(s) x 4 training task(s) x 35 trained variant(s) x 3 seed(s) = 840 trained trials" in text
+    )
+    assert "scienceqa -> scienceqa, gpqa; mbpp -> mbpp, humaneval; cos_e -> cos_e" in text
+    assert "GPU hours (7B model) ~" in text and "GPU hours per model  qwen2.5-7b ~" in text
     text = format_plan(describe_plan(load_spec(REPO / "studies" / "unisd_full_search.yaml")))
     assert "1 fixed (baselines) + 60 searched (tpe)" in text and "agreement.gamma" in text

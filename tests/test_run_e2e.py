@@ -24,6 +24,7 @@ from harness.tracking import get_runs, load_results
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "studies" / "smoke.yaml"
+SMOKE_GRID = REPO / "studies" / "smoke_grid.yaml"
 
 # Two variants at a sane learning rate, two at one so large that the first update overflows the weights:
 # a real divergence, recorded by the trainer as a non-finite loss.
@@ -268,3 +269,34 @@ def test_gpus_per_trial_refuses_a_pruner(tmp_path):
     proc = _harness("run", str(path), "--gpus-per-trial", "2", cwd=tmp_path)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "cannot prune" in out and "Traceback" not in out, out
+
+
+def test_smoke_grid_two_architectures_x_two_tasks_end_to_end_with_the_paper_tables(tmp_path):
+    """The study's axes for real: tiny Llama and tiny Qwen2, each trained per task on ScienceQA and MBPP,
+    scored in domain and on the transfer cells; the report has the paper tables and per-task effects."""
+    spec = load_spec(SMOKE_GRID).with_overrides(output_dir=tmp_path / "out")
+    start = time.perf_counter()
+    out = _finish(_harness("run", str(SMOKE_GRID), "--output-dir", str(tmp_path / "out"), cwd=tmp_path))
+    print(f"\nsmoke grid: {time.perf_counter() - start:.1f}s wall\n" + "\n".join(out.splitlines()[-4:]))
+    keys = sorted(point_key(p) for p in grid_points(spec))
+    assert len(keys) == 2 * 2 * 3 + 2
+    trials = _trials(spec)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * len(keys)
+    assert sorted(t.user_attrs["point_key"] for t in trials) == keys
+    frame = load_results(spec)
+    assert set(frame["model"]) == {"llama", "qwen2"}
+    sqa = frame[(frame["train_task"] == "scienceqa") & (frame["variant"] == "sft")]
+    assert len(sqa) == 2 and sqa["gpqa.acc"].notna().all() and sqa["mbpp.pass_at_1"].isna().all()
+    configs = {json.loads((spec.output_path / "trials" / str(t.number) / "variant.json").read_text())["model"]["ref"]
+               for t in trials}
+    assert configs == {"tiny-random:llama", "tiny-random:qwen2"}
+    assert {p.name for p in (spec.output_path / "cache").iterdir()} == {"llama", "qwen2"}
+    report = (tmp_path / "reports" / "smoke_grid" / "report.md").read_text()
+    for caption in ("*Model llama*", "*Model qwen2*", "*Averaged over models", "gpqa ← scienceqa",
+                    "humaneval ← mbpp", "When does self-distillation beat static imitation?",
+                    "*Component effects, per task cell*", "*Component effects, per model*"):
+        assert caption in report, caption
+    effects = json.loads((tmp_path / "reports" / "smoke_grid" / "effects.json").read_text())
+    assert set(effects["_paper"]["effects"]["per_task_cell"]) == {
+        "scienceqa", "mbpp", "gpqa ← scienceqa", "humaneval ← mbpp"
+    }

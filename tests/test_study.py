@@ -39,6 +39,24 @@ evaluation: {benchmarks: [scienceqa], limit: 2, retention: false}
 output_dir: OUT
 """
 
+# The study's axes: two models x two training tasks (per task) x sft, sdft, unisd[ema] x 1 seed + base
+# once per model = 14 points.
+AXES = """
+name: axestest
+model:
+  - {name: m1, ref: tiny-random:llama, device: cpu}
+  - {name: m2, ref: tiny-random:qwen2, device: cpu}
+data: {protocol: per_task, train: [scienceqa, mbpp], train_size: 4}
+method:
+  baselines: [base, sft]
+  components: [ema]
+  subsets: all
+training: {max_steps: 1}
+seeds: [0]
+evaluation: {benchmarks: [scienceqa, gpqa, mbpp], limit: 2, retention: false}
+output_dir: OUT
+"""
+
 SEARCH = """
 name: searchtest
 model: {ref: tiny-random:llama, device: cpu}
@@ -78,6 +96,15 @@ def fake_trial(point, spec, ctx):
     key = point_key(point)
     with open(ctx.output_dir / "calls.log", "a") as log:
         log.write(f"{os.getpid()} {ctx.number} {key}\n")
+    with open(ctx.output_dir / "cells.log", "a") as log:  # what the trial saw: its cell, its caches
+        cell = {
+            "key": key,
+            "model": spec.model.ref,
+            "train": list(spec.data.train),
+            "benchmarks": list(spec.evaluation.benchmarks),
+            "cache": str(ctx.cache_dir),
+        }
+        log.write(json.dumps(cell) + "\n")
     if ctx.run is not None:
         ctx.run.log_step(1, {"loss": 1.0})
     time.sleep(float(os.environ.get("FAKE_TRIAL_SLEEP", "0")))
@@ -211,8 +238,9 @@ def test_failing_trial_is_recorded_and_the_study_goes_on(tmp_path):
     assert states.count(TrialState.COMPLETE) == len(trials) and states.count(TrialState.FAIL) == 1
 
 
-def test_sigkill_mid_trial_then_resume(tmp_path):
-    spec, path = _spec(tmp_path)
+@pytest.mark.parametrize("text", [GRID, AXES], ids=["one-model", "models-x-tasks"])
+def test_sigkill_mid_trial_then_resume(tmp_path, text):
+    spec, path = _spec(tmp_path, text)
     proc = _run_in_subprocess(path, "hanging_trial")
     _wait_for(spec.output_path / "hanging", proc)
     killed_number = int((spec.output_path / "hanging").read_text())
@@ -255,8 +283,11 @@ def test_ctrl_c_marks_the_running_trial_and_exits_130(tmp_path):
     assert not [t for t in _trials(spec) if t.state == TrialState.RUNNING]
 
 
-def test_two_workers_share_a_journal_and_never_repeat_a_point(tmp_path):
-    spec, _ = _spec(tmp_path)
+@pytest.mark.parametrize("text", [GRID, AXES], ids=["one-model", "models-x-tasks"])
+def test_two_workers_share_a_journal_and_never_repeat_a_point(tmp_path, text):
+    from harness.plan import grid_points
+
+    spec, _ = _spec(tmp_path, text)
     os.environ["FAKE_TRIAL_SLEEP"] = "0.5"
     try:
         summary = run_study(spec, workers=2, trial_fn=fake_trial)
@@ -264,7 +295,7 @@ def test_two_workers_share_a_journal_and_never_repeat_a_point(tmp_path):
         del os.environ["FAKE_TRIAL_SLEEP"]
     assert summary.storage.startswith("journal:") and (spec.output_path / "optuna.journal").is_file()
     calls = _calls(spec)
-    assert len(calls) == len(set(calls)) == summary.states["COMPLETE"] == 6
+    assert len(calls) == len(set(calls)) == summary.states["COMPLETE"] == len(grid_points(spec))
     pids = {line.split()[0] for line in (spec.output_path / "calls.log").read_text().splitlines()}
     assert len(pids) == 2, "both workers took trials"
     assert status(spec)["storage"].startswith("journal:"), "later commands find the journal"
@@ -432,3 +463,28 @@ def test_a_trial_judged_by_its_heartbeat_names_the_silent_machine(monkeypatch):
     assert re.fullmatch(r"interrupted: no heartbeat from machine-a for 70\ds", _stale_reason(trial))
     dead_here = create_trial(state=TrialState.RUNNING, user_attrs={"owner": {**me, "pid": 2**22 + 7}})
     assert _stale_reason(dead_here) == "interrupted"
+
+
+def test_axes_every_model_task_variant_seed_once_each_trial_sees_its_cell(tmp_path):
+    from harness.plan import grid_points, point_key
+
+    spec, _ = _spec(tmp_path, AXES)
+    points = grid_points(spec)
+    assert len(points) == 2 * 2 * 3 + 2
+    run_study(spec, trial_fn=fake_trial)
+    assert sorted(_calls(spec)) == sorted(point_key(p) for p in points)
+    cells = {c["key"]: c for c in map(json.loads, (spec.output_path / "cells.log").read_text().splitlines())}
+    cache = spec.output_path.resolve() / "cache"
+    m1_sqa = cells["m1/scienceqa/unisd[ema]/seed=0"]
+    assert m1_sqa["model"] == "tiny-random:llama" and m1_sqa["train"] == ["scienceqa"]
+    assert m1_sqa["benchmarks"] == ["scienceqa", "gpqa"]  # in domain + its transfer cell
+    assert m1_sqa["cache"] == str(cache / "m1" / "scienceqa")
+    assert cells["m1/scienceqa/sft/seed=0"]["cache"] == m1_sqa["cache"], "variants of a cell share caches"
+    m2_mbpp = cells["m2/mbpp/sdft/seed=0"]
+    assert m2_mbpp["model"] == "tiny-random:qwen2" and m2_mbpp["benchmarks"] == ["mbpp"]
+    assert m2_mbpp["cache"] == str(cache / "m2" / "mbpp"), "never shared across models"
+    base = cells["m2/base/base/seed=0"]
+    assert base["benchmarks"] == ["scienceqa", "gpqa", "mbpp"] and base["cache"] == str(cache / "m2" / "base")
+    frame = load_results(spec)
+    assert set(frame["model"]) == {"m1", "m2"} and set(frame["train_task"].dropna()) == {"scienceqa", "mbpp"}
+    assert set(frame["variant_kind"]) == {"base", "baseline", "factorial"}

@@ -30,6 +30,7 @@ from harness.report.comparisons import (
 from harness.report.effects import complete_rows
 from harness.report.factorial import design_effects, varied_components
 from harness.report.paired import compare
+from harness.report.paper import paper_blocks
 from harness.report.render import (
     Block,
     Bullets,
@@ -652,6 +653,11 @@ def build_report(
                 ),
             )
         )
+    blocks.append(
+        Table(ci_table(stats, analysed), "95% confidence interval of the mean over seeds (Student t)")
+    )
+    paper_section, paper_data = paper_blocks(table, components, analysed)  # per model and cell (harness.report.paper)
+    blocks += paper_section
 
     figures: list[Path] = []
     if varied:
@@ -688,6 +694,8 @@ def build_report(
         }
     if mdes:
         payload["_mde"] = mdes
+    if paper_data:
+        payload["_paper"] = paper_data
     if optuna_study is not None:
         more, figs, info = _search_blocks(optuna_study, figdir)
         blocks += more

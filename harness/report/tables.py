@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 OVERALL = "overall"
+_PRESET_NAMES = frozenset({"unisd_star", "unisd_star_paper"})
 _FAMILY_ORDER = {"base": 0, "baseline": 1, "unisd": 2}
 _LOWER_IS_BETTER = ("ppl", "jsd", "loss", "seconds", "tokens")
 
@@ -64,7 +65,7 @@ def ensure_variant_columns(df: pd.DataFrame, components: Sequence[str]) -> pd.Da
 
 
 def factorial_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the component factorial: the UniSD variants plus SDFT, which is the empty subset.
+    """The rows of the component factorial: the UniSD subsets plus SDFT, which is the empty subset.
 
     Base, SFT and GKD also have every component column at 0 but are different methods: mixing them into
     the empty subset would corrupt every effect, so they are left out of the effects analysis. Presets
@@ -79,6 +80,12 @@ def factorial_rows(df: pd.DataFrame) -> pd.DataFrame:
     if "variant" in df.columns:
         keep &= ~df["variant"].astype(str).isin(list(PRESET_COMPONENTS))
         keep |= df["variant"].astype(str) == "sdft"
+    # A preset shares a subset's components but not its hyperparameters (or batch): never a replicate of
+    # that subset's cell (unisd-method.md section 5). Marked by variant_kind; older results by name.
+    if "variant_kind" in df.columns:
+        keep &= df["variant_kind"].astype(str) != "preset"
+    if "variant" in df.columns:
+        keep &= ~df["variant"].astype(str).isin(_PRESET_NAMES)
     return df[keep]
 
 
