@@ -39,6 +39,7 @@ class ToyEntropyConfig(MechanismConfig):
 
 class ToyEntropyComponent(Component):
     name = "toy_entropy"
+    needs_full_distribution = True  # the entropy needs every token's probability, not the sampled one
 
     def loss_terms(self, scores, metrics):
         from unisd_components.losses import weighted_sequence_mean

@@ -16,7 +16,9 @@ Hooks (all optional; the base class does nothing):
 - ``loss_terms(scores, metrics)``: ``{term name: weighted scalar}`` added to the loss.
 - ``after_optimizer_step(step, student, teacher)``: e.g. the EMA sync.
 
-Flags: ``needs_hidden`` (final hidden states of student and teacher), ``needs_ema_teacher``,
+Flags: ``needs_hidden`` (final hidden states of student and teacher), ``needs_full_distribution``
+(``scores.student_logps``/``teacher_logps``, ``[B,T,V]``: the fused loss never builds them, so a variant
+with such a mechanism trains on the unfused path), ``needs_ema_teacher``,
 ``drops_divergence`` (the divergence is logged but not optimised). Cost facts for the study plan, read
 without torch: :meth:`Component.extra_context_count` (teacher forwards per prompt beyond the main one)
 and ``generates_in_setup`` (``setup`` samples one completion per training example, once per study).
@@ -81,6 +83,7 @@ class Component:
 
     name: ClassVar[str] = ""
     needs_hidden: ClassVar[bool] = False
+    needs_full_distribution: ClassVar[bool] = False
     needs_ema_teacher: ClassVar[bool] = False
     generates_in_setup: ClassVar[bool] = False
     drops_divergence: bool = False

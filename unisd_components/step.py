@@ -186,7 +186,8 @@ class StepRunner:
         self.needs_hidden = any(c.needs_hidden for c in self.components)
         self.drops_divergence = any(c.drops_divergence for c in self.components)
         # Fused: LM head + divergence chunk by chunk (unisd_components.fused_loss), no [B,T,V] tensor.
-        self.fused = training.fused_loss
+        # A mechanism that reads the full [B,T,V] distributions (none of the five) keeps the unfused path.
+        self.fused = training.fused_loss and not any(c.needs_full_distribution for c in self.components)
         self._policy_rng = random.Random(f"{seed}:gkd-policy")
         self._token_cache: dict[tuple[str, str], list[int]] = {}
 
