@@ -183,9 +183,9 @@ def test_a_sixth_mechanism_is_one_module(toy_study):
     assert row["toy_entropy_called"] == 1.0 and row["loss_toy_entropy"] < 0
     assert row["loss"] == pytest.approx(row["loss_divergence"] + row["loss_toy_entropy"], rel=1e-5)
     # reported: a 0/1 factor of the results table and of the report
-    results = pd.read_csv(folder / "reports" / "toy" / "results.csv")
+    results = pd.read_csv(folder / "runs" / "toy" / "report" / "results.csv")
     assert sorted(results["toy_entropy"].tolist()) == [0, 1]
-    assert "toy_entropy" in (folder / "reports" / "toy" / "report.md").read_text()
+    assert "toy_entropy" in (folder / "runs" / "toy" / "report" / "report.md").read_text()
 
 
 def test_a_seventh_benchmark_is_one_module(toy_study):
@@ -201,7 +201,7 @@ def test_a_seventh_benchmark_is_one_module(toy_study):
     assert {s["task"] for s in samples} == {"unisd_toy_arith", "unisd_scienceqa"}
     assert any("What is" in s["prompt"] for s in samples if s["benchmark"] == "toy_arith")
     # reported: a metric column of the results table
-    results = pd.read_csv(folder / "reports" / "toy" / "results.csv")
+    results = pd.read_csv(folder / "runs" / "toy" / "report" / "results.csv")
     assert "toy_arith.acc" in results.columns and results["toy_arith.acc"].notna().all()
 
 

@@ -291,12 +291,12 @@ def test_smoke_grid_two_architectures_x_two_tasks_end_to_end_with_the_paper_tabl
                for t in trials}
     assert configs == {"tiny-random:llama", "tiny-random:qwen2"}
     assert {p.name for p in (spec.output_path / "cache").iterdir()} == {"llama", "qwen2"}
-    report = (tmp_path / "reports" / "smoke_grid" / "report.md").read_text()
+    report = (tmp_path / "out" / "report" / "report.md").read_text()
     for caption in ("*Model llama*", "*Model qwen2*", "*Averaged over models", "gpqa ← scienceqa",
                     "humaneval ← mbpp", "When does self-distillation beat static imitation?",
                     "*Component effects, per task cell*", "*Component effects, per model*"):
         assert caption in report, caption
-    effects = json.loads((tmp_path / "reports" / "smoke_grid" / "effects.json").read_text())
+    effects = json.loads((tmp_path / "out" / "report" / "effects.json").read_text())
     assert set(effects["_paper"]["effects"]["per_task_cell"]) == {
         "scienceqa", "mbpp", "gpqa ← scienceqa", "humaneval ← mbpp"
     }
