@@ -69,6 +69,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     keep_freed_memory()  # before the first model is loaded (see the module: ~6% per training step on CPU)
 
     spec = load_spec(args.spec).with_overrides(output_dir=args.output_dir, storage=args.storage)
+    if not args.dry_run:  # engine: vllm without vLLM installed: one line and exit 2, before any trial
+        from harness.generation_engine import resolve_engine
+        from harness.models import resolve_device
+
+        resolve_engine(spec.generation.engine, resolve_device(spec.model.device).type)
     summary = run_study(spec, workers=args.workers, gpus_per_trial=args.gpus_per_trial, dry_run=args.dry_run)
     if summary.dry_run:
         print(summary.plan)

@@ -103,6 +103,13 @@ def load_train_examples(data: DataSpec) -> list:
 # Evaluation
 
 
+def _engine(spec: StudySpec, ctx: TrialContext, model):
+    """The process's vLLM engine when ``generation.engine`` resolves to it (harness.generation_engine)."""
+    from harness.generation_engine import engine_for
+
+    return engine_for(spec, next(model.parameters()).device.type, ctx.processes)
+
+
 def _evaluate(
     model, tokenizer, spec: StudySpec, ctx: TrialContext, base_model
 ) -> tuple[dict[str, float], float]:
@@ -125,6 +132,7 @@ def _evaluate(
         ppl_fit=ev.ppl_fit,
         retention=ev.retention,
         cache_dir=ctx.cache_dir / "eval",
+        engine=_engine(spec, ctx, model),
     )
     if ctx.run is not None:
         ctx.run.log_artifact(ctx.trial_dir / "eval", "eval")
@@ -137,6 +145,7 @@ def _base_eval_key(spec: StudySpec) -> str:
         "evaluation": spec.evaluation.model_dump(mode="json"),
         "data_dir": spec.data.data_dir,
         "split_seed": spec.data.split_seed,
+        "generation_engine": spec.generation.engine,  # vLLM's greedy answers may differ in float ties
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -341,6 +350,7 @@ def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float
                 training,
                 cache_dir=ctx.cache_dir / "train",
                 callback=callback,
+                engine=_engine(spec, ctx, model),
             )
     finally:
         _write_json_atomic(ctx.trial_dir / "history.json", callback.history)
