@@ -498,9 +498,13 @@ class GenerationSpec(_Strict):
         0.3, gt=0, lt=1, description="vllm on CUDA: share of GPU memory for the engine (shared with training)"
     )
     kv_cache_gib: float | None = Field(
-        None, gt=0, description="vllm: KV cache size in GiB; None: 1 GiB of RAM on CPU, the share above on CUDA"
+        None,
+        gt=0,
+        description="vllm: KV cache size in GiB; None: 1 GiB of RAM on CPU, the share above on CUDA",
     )
-    max_model_len: int | None = Field(None, ge=16, description="vllm: longest prompt + completion; None: the model's")
+    max_model_len: int | None = Field(
+        None, ge=16, description="vllm: longest prompt + completion; None: the model's"
+    )
 
 
 class ObjectiveSpec(_Strict):
