@@ -221,7 +221,7 @@ def evaluate_model(
         from harness.evaluation.vllm_lm import EngineLM
 
         engine.load_policy(model)
-        lm = EngineLM(engine, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_tokens)
+        lm = EngineLM(engine, tokenizer, batch_size="auto", max_gen_toks=max_gen_tokens)
     else:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_gen_toks=max_gen_tokens)
     task_manager = TaskManager(

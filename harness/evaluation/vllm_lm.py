@@ -25,7 +25,9 @@ __all__ = ["EngineLM"]
 class EngineLM(VLLM):
     """lm-eval's vLLM model backed by an existing engine (see the module docstring)."""
 
-    def __init__(self, engine: Any, tokenizer: Any, *, batch_size: int = 8, max_gen_toks: int = 256) -> None:
+    def __init__(
+        self, engine: Any, tokenizer: Any, *, batch_size: int | str = "auto", max_gen_toks: int = 256
+    ) -> None:
         TemplateLM.__init__(self)
         self.engine = engine
         self.model = engine.llm
@@ -35,7 +37,8 @@ class EngineLM(VLLM):
         self.truncation_side = "left"
         self.data_parallel_size = 1
         self.model_args = {"model": engine.model_path}
-        self.batch_size = int(batch_size)
+        # "auto": every request of a task in one generate call, vLLM schedules them (continuous batching)
+        self.batch_size = batch_size if batch_size == "auto" else int(batch_size)
         self.add_bos_token = None
         self._config = engine.llm.llm_engine.model_config.hf_config
         self.tokenizer = tokenizer
