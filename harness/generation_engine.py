@@ -62,13 +62,19 @@ def model_dir(ref: str) -> str:
 
 
 def engine_for(spec: StudySpec, device_type: str, processes: int = 1):
-    """The process's vLLM engine for ``spec`` when its generation engine resolves to vLLM, else None."""
+    """The process's vLLM engine for ``spec`` when its generation engine resolves to vLLM, else None.
+
+    ``processes > 1`` (data-parallel training, ``--gpus-per-trial``): None under ``auto``, an error under
+    an explicit ``vllm``; the evaluation, in the trial's own process, asks with ``processes=1``.
+    """
     if resolve_engine(spec.generation.engine, device_type) != "vllm":
         return None
-    if processes > 1:
-        raise HarnessError(
-            "generation.engine: vllm trains in one process per trial; drop --gpus-per-trial or use engine: hf"
-        )
+    if processes > 1:  # data-parallel training processes sample with generate
+        if spec.generation.engine == "vllm":
+            raise HarnessError(
+                "generation.engine: vllm trains in one process per trial; drop --gpus-per-trial or use auto/hf"
+            )
+        return None
     from harness.models import resolve_dtype
     from unisd_components.vllm_engine import VLLMEngine
 

@@ -103,11 +103,11 @@ def load_train_examples(data: DataSpec) -> list:
 # Evaluation
 
 
-def _engine(spec: StudySpec, ctx: TrialContext, model):
+def _engine(spec: StudySpec, model, processes: int = 1):
     """The process's vLLM engine when ``generation.engine`` resolves to it (harness.generation_engine)."""
     from harness.generation_engine import engine_for
 
-    return engine_for(spec, next(model.parameters()).device.type, ctx.processes)
+    return engine_for(spec, next(model.parameters()).device.type, processes)
 
 
 def _evaluate(
@@ -132,7 +132,7 @@ def _evaluate(
         ppl_fit=ev.ppl_fit,
         retention=ev.retention,
         cache_dir=ctx.cache_dir / "eval",
-        engine=_engine(spec, ctx, model),
+        engine=_engine(spec, model),
     )
     if ctx.run is not None:
         ctx.run.log_artifact(ctx.trial_dir / "eval", "eval")
@@ -338,6 +338,7 @@ def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float
     start = time.perf_counter()
     try:
         if ctx.processes > 1:
+            _engine(spec, base, ctx.processes)  # engine: vllm cannot sample for training processes: say so
             model, result = _train_in_processes(base, spec, variant, training, ctx, callback)
         else:
             from unisd_components.trainer import train_variant
@@ -350,7 +351,7 @@ def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float
                 training,
                 cache_dir=ctx.cache_dir / "train",
                 callback=callback,
-                engine=_engine(spec, ctx, model),
+                engine=_engine(spec, model),
             )
     finally:
         _write_json_atomic(ctx.trial_dir / "history.json", callback.history)

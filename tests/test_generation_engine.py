@@ -163,3 +163,15 @@ def test_plan_states_gpu_hours_per_engine():
     hours = plan["gpu_hours_7b_by_engine"]
     assert set(hours) == {"hf", "vllm"} and hours["hf"] > hours["vllm"] > 0
     assert set(plan["engine_rates"]) == {"hf", "vllm"}
+
+
+def test_data_parallel_training_samples_with_generate_under_auto(monkeypatch):
+    import unisd_components.vllm_engine as engine_module
+    from harness.generation_engine import engine_for
+
+    monkeypatch.setattr(engine_module, "vllm_available", lambda: True)
+    spec = load_spec(REPO / "studies" / "smoke.yaml")
+    assert engine_for(spec, "cuda", processes=2) is None  # auto: the training processes use generate
+    explicit = spec.model_copy(update={"generation": spec.generation.model_copy(update={"engine": "vllm"})})
+    with pytest.raises(HarnessError, match="gpus-per-trial"):
+        engine_for(explicit, "cuda", processes=2)

@@ -180,6 +180,7 @@ class VLLMEngine:
         self.model_path = str(model_path)
         self.llm = LLM(**kwargs)
         self.sleeping = False
+        self.weights_valid = True  # False after a level-2 sleep until the next load_policy
         self.weight_pushes = 0
 
     # ---- weights
@@ -208,6 +209,7 @@ class VLLMEngine:
                 weights_iterator=merged_policy_weights(model), is_checkpoint_format=True
             )
         self.llm.reset_prefix_cache()
+        self.weights_valid = True
         self.weight_pushes += 1
 
     # ---- memory between phases (CUDA sleep mode)
@@ -217,11 +219,17 @@ class VLLMEngine:
         if self.device == "cuda" and not self.sleeping:
             self.llm.sleep(level=2)
             self.sleeping = True
+            self.weights_valid = False
 
     def wake_up(self) -> None:
         if self.sleeping:
             self.llm.wake_up()
             self.sleeping = False
+
+    def _check_weights(self) -> None:
+        self.wake_up()
+        if not self.weights_valid:
+            raise RuntimeError("the engine slept (level 2: weights discarded); call load_policy(model) first")
 
     # ---- generation
 
@@ -240,7 +248,7 @@ class VLLMEngine:
         """
         from vllm import SamplingParams, TokensPrompt
 
-        self.wake_up()
+        self._check_weights()
         params = [
             SamplingParams(
                 **sampling_kwargs(
@@ -263,7 +271,7 @@ class VLLMEngine:
         """log p(continuation token | everything before it) at temperature 1, per pair (for checks)."""
         from vllm import SamplingParams, TokensPrompt
 
-        self.wake_up()
+        self._check_weights()
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
         requests = [
             TokensPrompt(prompt_token_ids=list(p) + list(c))

@@ -249,6 +249,8 @@ def evaluate_model(
         torch_random_seed=seed,
         fewshot_random_seed=seed,
     )
+    if engine is not None:
+        engine.sleep()  # CUDA: retention, PPL fit and the next training get the engine's memory back
     metrics = normalise_metrics(results["results"], tasks)
     samples = results.get("samples", {})
     samples_path = output_dir / "samples.jsonl"
