@@ -4,7 +4,10 @@ Read top to bottom, a distillation micro-step is:
 
 1. **generation**: sample one completion per prompt from the student (``generate`` with the KV cache,
    one left-padded batch, eval mode, no gradient, pure temperature sampling: no top-k/top-p, so the
-   samples are on-policy for the distribution the loss is computed at);
+   samples are on-policy for the distribution the loss is computed at); or, when the trainer is given a
+   generation engine (:mod:`unisd_components.vllm_engine`), the same rule in vLLM, from the current
+   weights pushed into it once per optimizer step: the engine only proposes tokens, every log-prob of
+   the loss is computed below by the training model;
 2. **teacher**: with the teacher weights, one gradient-free pass over every teacher row: the main
    demonstration context (full-vocabulary log-probs, and final hidden states for feature matching),
    then every component's extra contexts (K agreement contexts, the negative context) of which only
