@@ -62,6 +62,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from harness.library_output import quiet_libraries
 
         quiet_libraries(spec.output_path / "harness.log")  # library bars and warnings off the console
+    if not args.dry_run:  # engine: vllm without vLLM installed: one line and exit 2, before any trial
+        from harness.generation_engine import resolve_engine
+        from harness.models import resolve_device
+
+        for model in spec.models():
+            resolve_engine(spec.generation.engine, resolve_device(model.device).type)
     summary = run_study(spec, workers=args.workers, gpus_per_trial=args.gpus_per_trial, dry_run=args.dry_run)
     if summary.dry_run:
         print(summary.plan)

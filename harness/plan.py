@@ -380,6 +380,21 @@ def point_training(point: TrialPoint, spec: StudySpec | None = None) -> Training
 # checkpointing) processes ~6,000 tokens/s; a gradient-free forward ~18,000 tokens/s. Average prompt length
 # is taken as 300 tokens, average generated length as 60% of the cap (samples stop at EOS).
 GEN_TOKENS_PER_S = 1500.0
+# Generated tokens/s per engine, same 7B bf16 model on one H100-class GPU, as (training sampling at the
+# step batch of ~16 prompts, evaluation with the whole benchmark submitted at once). Estimates, not
+# measurements on this project's GPU studies (none yet); where each comes from:
+# - hf (`generate`, eager, static batch): a decoding step of a 7B model takes ~30 ms whatever the batch
+#   up to ~32 (kernel-launch bound), so ~530 tokens/s at 16 rows; evaluation batches of 8-16 likewise.
+#   The old single figure, 1,500 tokens/s, is a vLLM-class rate that `generate` does not reach here.
+# - vllm (paged attention, continuous batching, CUDA graphs): 75 tokens/s for one sequence of an 8B bf16
+#   model on an A100-40GB (a public vLLM 0.23 concurrency sweep, 77% of the memory-bandwidth roofline),
+#   x 3.35/1.55 for an H100's bandwidth ~ 160 tokens/s per sequence, x 16 rows at ~80% batching
+#   efficiency (that sweep: 6.6x at 8) ~ 2,000 tokens/s; evaluation 5,000 tokens/s, well under the
+#   ~12,500 tokens/s published for a saturated Llama-3.1-8B engine on one H100, because the colocated
+#   engine keeps a ~30% share of the memory.
+# - measured on a 2-core CPU (benchmarks/generation.py, SmolLM2-135M fp32): see its docstring for the
+#   vllm/hf ratio of both phases.
+ENGINE_GEN_TOKENS_PER_S: dict[str, tuple[float, float]] = {"hf": (530.0, 530.0), "vllm": (2000.0, 5000.0)}
 TRAIN_TOKENS_PER_S = 6000.0
 FORWARD_TOKENS_PER_S = 18000.0
 MEAN_PROMPT_TOKENS = 300
@@ -410,8 +425,13 @@ def _eval_generations(spec: StudySpec) -> int:
     return sum(_size(b, "test", ev.limit) for b in benches)
 
 
-def _trial_cost(point: TrialPoint, spec: StudySpec) -> tuple[float, float, float]:
-    """(upper bound of generated tokens, estimated generated tokens, estimated GPU seconds) of one trial."""
+def _trial_cost(point: TrialPoint, spec: StudySpec, engine: str | None = None) -> tuple[float, float, float]:
+    """(upper bound of generated tokens, estimated generated tokens, estimated GPU seconds) of one trial.
+
+    ``engine`` (``hf`` / ``vllm``): generation at that engine's rates (:data:`ENGINE_GEN_TOKENS_PER_S`);
+    None: the single :data:`GEN_TOKENS_PER_S`.
+    """
+    train_rate, eval_rate = ENGINE_GEN_TOKENS_PER_S[engine] if engine else (GEN_TOKENS_PER_S,) * 2
     ev = spec.evaluation
     eval_gen = _eval_generations(spec) * ev.max_gen_tokens
     eval_prompts = _eval_examples(spec)
@@ -422,7 +442,7 @@ def _trial_cost(point: TrialPoint, spec: StudySpec) -> tuple[float, float, float
             eval_prompts * (MEAN_PROMPT_TOKENS + MEAN_FILL * ev.max_gen_tokens) * 3
         )  # base/trained
     upper, gen_tokens = float(eval_gen), MEAN_FILL * eval_gen
-    seconds = gen_tokens / GEN_TOKENS_PER_S + eval_forward / FORWARD_TOKENS_PER_S
+    seconds = gen_tokens / eval_rate + eval_forward / FORWARD_TOKENS_PER_S
     if point.variant is None:
         return upper, gen_tokens, seconds
     tr = point.training
@@ -441,7 +461,7 @@ def _trial_cost(point: TrialPoint, spec: StudySpec) -> tuple[float, float, float
     teacher_forwards = 1.0 if variant.method != "sft" else 0.0
     for name in variant.enabled_components():
         teacher_forwards += REGISTRY[name].extra_context_count(getattr(variant, name))
-    seconds += on_policy * prompts * completion / GEN_TOKENS_PER_S
+    seconds += on_policy * prompts * completion / train_rate
     seconds += prompts * seq / TRAIN_TOKENS_PER_S + prompts * seq * teacher_forwards / FORWARD_TOKENS_PER_S
     return upper, gen_tokens, seconds
 
@@ -495,6 +515,13 @@ def describe_plan(spec: StudySpec) -> dict[str, Any]:
     limit = spec.evaluation.limit
     questions = {b: _size(b, "test", limit) for b in spec.evaluation.benchmarks}
     axes = _axes(spec, fixed)
+    by_engine = {}
+    for engine, (_, eval_rate) in ENGINE_GEN_TOKENS_PER_S.items():
+        engine_costs = [_trial_cost(p, cells[(p.model, p.train_task, p.variant is None)], engine) for p in fixed]
+        if searching and n_search:
+            engine_costs += [_trial_cost(_build(kind, values, spec.seeds[0], {}), spec, engine)] * n_search
+        engine_seconds = sum(c[2] for c in engine_costs) + MEAN_FILL * shared_gen / eval_rate
+        by_engine[engine] = round(engine_seconds / 3600, 1)
     return {
         "design": design_summary(spec, subset_seconds),
         "mde": mde_summary(spec, questions),
@@ -523,6 +550,11 @@ def describe_plan(spec: StudySpec) -> dict[str, Any]:
         "search_space": sorted(spec.spaces()),
         "generated_tokens": {"estimate": int(estimate), "upper_bound": int(upper)},
         "gpu_hours_7b": round(seconds / 3600, 1),
+        "gpu_hours_7b_by_engine": by_engine,
+        "engine_rates": {
+            e: f"{t:,.0f} tok/s sampling, {v:,.0f} tok/s evaluation"
+            for e, (t, v) in ENGINE_GEN_TOKENS_PER_S.items()
+        },
         "assumptions": (
             f"7B bf16 on one H100-class GPU: generation {GEN_TOKENS_PER_S:.0f} tok/s, training "
             f"{TRAIN_TOKENS_PER_S:.0f} tok/s, scoring {FORWARD_TOKENS_PER_S:.0f} tok/s; samples fill "
@@ -662,6 +694,10 @@ def format_plan(plan: Mapping[str, Any]) -> str:
         "  GPU hours per model  "
         + ", ".join(f"{m} ~{h:,}" for m, h in plan.get("gpu_hours_per_model", {}).items())
         + "  [7B figures scaled by the parameter count in the model's name]",
+        "  GPU hours per generation engine (harness/plan.py says where each rate comes from): "
+        + "; ".join(
+            f"{e} ~{h:,} ({plan['engine_rates'][e]})" for e, h in plan["gpu_hours_7b_by_engine"].items()
+        ),
         f"  output     {plan['output_dir']}  (optuna {plan['storage']}; mlflow {plan['tracking_uri']})",
     ]
     return "\n".join(lines)

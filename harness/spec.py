@@ -591,6 +591,25 @@ class EvaluationSpec(_Strict):
         return items
 
 
+class GenerationSpec(_Strict):
+    """Which engine samples training completions and generates evaluation answers (harness.generation_engine)."""
+
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="auto: vLLM when installed and on CUDA, else hf (transformers generate)"
+    )
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, lt=1, description="vllm on CUDA: share of GPU memory for the engine (shared with training)"
+    )
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="vllm: KV cache size in GiB; None: 1 GiB of RAM on CPU, the share above on CUDA",
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="vllm: longest prompt + completion; None: the model's"
+    )
+
+
 class ObjectiveSpec(_Strict):
     metric: str = Field(description="mean.acc, <bench>.acc, <bench>.pass_at_1, ppl_fit, ppl_ret, ret_jsd ...")
     direction: Literal["maximize", "minimize"] = "maximize"
@@ -651,6 +670,7 @@ class StudySpec(_Strict):
     training: TrainingSpec = Field(default_factory=TrainingSpec)  # type: ignore[valid-type]
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     evaluation: EvaluationSpec
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     storage: str | None = Field(None, description="Optuna storage URL; None: sqlite inside output_dir")

@@ -833,7 +833,7 @@ def _run_locked(
     quiet_store_logs()  # a store error is reported once, in one line (see run_study)
     notes = []
     requested = workers
-    most, why = device_cap(spec.model.device, gpus_per_trial)
+    most, why = device_cap(spec.models()[0].device, gpus_per_trial)  # models of one study share devices
     if workers > most:
         workers = most
         notes.append(clamp_message(requested, workers, why))

@@ -76,6 +76,13 @@ def _base_model(spec: StudySpec):
 # Evaluation
 
 
+def _engine(spec: StudySpec, model, processes: int = 1):
+    """The process's vLLM engine when ``generation.engine`` resolves to it (harness.generation_engine)."""
+    from harness.generation_engine import engine_for
+
+    return engine_for(spec, next(model.parameters()).device.type, processes)
+
+
 def _evaluate(
     model, tokenizer, spec: StudySpec, ctx: TrialContext, base_model
 ) -> tuple[dict[str, float], float]:
@@ -98,6 +105,7 @@ def _evaluate(
         ppl_fit=ev.ppl_fit,
         retention=ev.retention,
         cache_dir=ctx.cache_dir / "eval",
+        engine=_engine(spec, model),
     )
     if ctx.run is not None:
         ctx.run.log_artifact(ctx.trial_dir / "eval", "eval")
@@ -110,6 +118,7 @@ def _base_eval_key(spec: StudySpec) -> str:
         "evaluation": spec.evaluation.model_dump(mode="json"),
         "data_dir": spec.data.data_dir,
         "split_seed": spec.data.split_seed,
+        "generation_engine": spec.generation.engine,  # vLLM's greedy answers may differ in float ties
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -288,6 +297,7 @@ def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float
     start = time.perf_counter()
     try:
         if ctx.processes > 1:
+            _engine(spec, base, ctx.processes)  # engine: vllm cannot sample for training processes: say so
             model, result = _train_in_processes(base, spec, variant, training, ctx, callback)
         else:
             from unisd_components.trainer import train_variant
@@ -300,6 +310,7 @@ def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float
                 training,
                 cache_dir=ctx.cache_dir / "train",
                 callback=callback,
+                engine=_engine(spec, model),
             )
     finally:
         _write_json_atomic(ctx.trial_dir / "history.json", callback.history)

@@ -4,7 +4,10 @@ Read top to bottom, a distillation micro-step is:
 
 1. **generation**: sample one completion per prompt from the student (``generate`` with the KV cache,
    one left-padded batch, eval mode, no gradient, pure temperature sampling: no top-k/top-p, so the
-   samples are on-policy for the distribution the loss is computed at);
+   samples are on-policy for the distribution the loss is computed at); or, when the trainer is given a
+   generation engine (:mod:`unisd_components.vllm_engine`), the same rule in vLLM, from the current
+   weights pushed into it once per optimizer step: the engine only proposes tokens, every log-prob of
+   the loss is computed below by the training model;
 2. **teacher**: with the teacher weights, one gradient-free pass over every teacher row: the main
    demonstration context (full-vocabulary log-probs, and final hidden states for feature matching),
    then every component's extra contexts (K agreement contexts, the negative context) of which only
@@ -170,6 +173,7 @@ class StepRunner:
         base: TeacherWeights | None,
         timer: PhaseTimer,
         seed: int,
+        engine: Any | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -190,6 +194,10 @@ class StepRunner:
         self.fused = training.fused_loss and not any(c.needs_full_distribution for c in self.components)
         self._policy_rng = random.Random(f"{seed}:gkd-policy")
         self._token_cache: dict[tuple[str, str], list[int]] = {}
+        # A generation engine (``unisd_components.vllm_engine.VLLMEngine``) samples instead of
+        # ``generate``; it holds the weights of optimizer step ``_engine_step`` (None: not pushed yet).
+        self.engine = engine
+        self._engine_step: int | None = None
 
     # ---- tokenization (cached: contexts never change during a run)
 
@@ -355,7 +363,11 @@ class StepRunner:
         """A self-distillation micro-step (SDFT, UniSD variants, GKD). Returns ``(terms, metrics)``."""
         prompts = [self.prompt_ids(ex) for ex in examples]
         with self.timer.phase("generation"):
-            if on_policy:
+            if on_policy and self.engine is not None:
+                completion = self._engine_completions(prompts, step)
+                lengths = completion_mask(completion, self.eos_ids).sum(-1).tolist()
+                mask = completion_mask(completion, self.eos_ids, self.training.skip_first_tokens)
+            elif on_policy:
                 prompt_ids, prompt_mask = pad_left(prompts, self.pad_id)
                 completion = sample_completions(
                     self.model,
@@ -401,6 +413,33 @@ class StepRunner:
             metrics["completion_tokens"] = float(mask.sum(-1).float().mean())
             metrics["on_policy"] = float(on_policy)
         return terms, metrics
+
+    def _engine_completions(self, prompts: list[list[int]], step: int) -> torch.Tensor:
+        """Completions sampled by the engine from the current policy: ``[B,T]``, padded after EOS.
+
+        The policy's weights are pushed once per optimizer step (and again after the engine slept);
+        each call's requests are seeded from the global torch generator, which the trainer seeds per
+        process, so runs repeat and processes differ. The engine sleeps afterwards (CUDA only), giving
+        training its memory back.
+        """
+        engine = self.engine
+        if self._engine_step != step or engine.sleeping:
+            engine.load_policy(self.model)
+            self._engine_step = step
+        seed = int(torch.randint(0, 2**31 - 1 - len(prompts), (1,)))
+        rows = engine.sample(
+            prompts,
+            max_new_tokens=self.training.max_completion_tokens,
+            temperature=self.training.temperature,
+            seed=seed,
+            stop_token_ids=self.eos_ids,
+        )
+        engine.sleep()
+        width = max(1, max(len(r) for r in rows))
+        completion = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            completion[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return completion.to(self.device)
 
     def _distill_terms(
         self,

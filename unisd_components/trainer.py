@@ -80,6 +80,7 @@ def train_variant(
     *,
     cache_dir: Path | None = None,
     callback: Callback | None = None,
+    engine=None,
 ) -> TrainResult:
     """Train ``model`` in place as ``variant`` describes; returns the step history and timings.
 
@@ -87,6 +88,9 @@ def train_variant(
     demonstrations), keyed by model, dataset and prompt version; ``None`` uses a temporary directory.
     ``callback(step, metrics)`` runs after every optimizer step. Raises :class:`NonFiniteLossError`
     naming the step and the term when a loss term (or the updated weights) goes NaN/inf.
+    ``engine`` (e.g. :class:`unisd_components.vllm_engine.VLLMEngine` on the same base model) samples the
+    on-policy completions instead of ``generate``, from the current weights pushed into it once per
+    optimizer step; the loss's log-probabilities are still computed by ``model``.
     """
     if not examples:
         raise ValueError("train_variant needs at least one training example")
@@ -105,11 +109,17 @@ def train_variant(
     timer = PhaseTimer(device)
     if cache_dir is None:
         with tempfile.TemporaryDirectory(prefix="unisd-cache-") as tmp:
-            return _train(model, tokenizer, examples, variant, training, Path(tmp), callback, timer, start)
-    return _train(model, tokenizer, examples, variant, training, Path(cache_dir), callback, timer, start)
+            return _train(
+                model, tokenizer, examples, variant, training, Path(tmp), callback, timer, start, engine
+            )
+    return _train(
+        model, tokenizer, examples, variant, training, Path(cache_dir), callback, timer, start, engine
+    )
 
 
-def _train(model, tokenizer, examples, variant, training, cache_dir, callback, timer, start) -> TrainResult:
+def _train(
+    model, tokenizer, examples, variant, training, cache_dir, callback, timer, start, engine=None
+) -> TrainResult:
     components = build_components(variant)
     setup_start = time.perf_counter()
     if components:
@@ -153,7 +163,7 @@ def _train(model, tokenizer, examples, variant, training, cache_dir, callback, t
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(training, total_steps))
         runner = StepRunner(
-            model, tokenizer, variant, training, components, teacher, base, timer, training.seed
+            model, tokenizer, variant, training, components, teacher, base, timer, training.seed, engine
         )
         # The same global order in every process (seeded by the training seed, not the rank).
         batches = _batches(examples, training.batch_size * processes, training.seed)

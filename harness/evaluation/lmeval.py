@@ -199,6 +199,7 @@ def evaluate_model(
     ppl_fit: bool = True,
     retention: bool = True,
     cache_dir: Path | None = None,
+    engine=None,
 ) -> EvalResult:
     """Score ``model`` (already on its device, in eval mode) on ``benchmarks``.
 
@@ -219,6 +220,10 @@ def evaluate_model(
             greedy completions are the ones lm-eval just generated (re-tokenized text, cut at the task's
             stop sequences), not a second generation pass; log-likelihood scoring generates them.
         ppl_fit: Add ``ppl_fit`` (gold-demonstration perplexity, token-weighted over all benchmarks).
+        engine: A :class:`unisd_components.vllm_engine.VLLMEngine` on the same base model: ``model``'s
+            weights are pushed into it and lm-eval's ``vllm`` model generates and scores through it (same
+            tasks, prompts and greedy rule; see :mod:`harness.evaluation.vllm_lm`). PPL fit and retention
+            stay forward passes of ``model``. None: lm-eval's ``HFLM`` on ``model``.
 
     lm-eval seeds Python's, NumPy's and torch's global generators with ``seed`` on the way in.
 
@@ -248,7 +253,13 @@ def evaluate_model(
     # lm-eval warns on every call about in-memory models and task metadata, which is how we use it on
     # purpose; its progress bars stay.
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_gen_toks=max_gen_tokens)
+    if engine is not None:
+        from harness.evaluation.vllm_lm import EngineLM
+
+        engine.load_policy(model)
+        lm = EngineLM(engine, tokenizer, batch_size="auto", max_gen_toks=max_gen_tokens)
+    else:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_gen_toks=max_gen_tokens)
     task_manager = TaskManager(
         include_path=task_paths(),
         include_defaults=False,
@@ -275,6 +286,8 @@ def evaluate_model(
         torch_random_seed=seed,
         fewshot_random_seed=seed,
     )
+    if engine is not None:
+        engine.sleep()  # CUDA: retention, PPL fit and the next training get the engine's memory back
     metrics = normalise_metrics(results["results"], tasks)
     samples = results.get("samples", {})
     metrics.update(question_errors(samples, tasks))
