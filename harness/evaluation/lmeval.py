@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from unisd_components.generation import stated_decoding
 
 __all__ = ["SCORINGS", "EvalResult", "evaluate_model", "normalise_metrics", "task_name"]
 
@@ -224,20 +225,21 @@ def evaluate_model(
         },
     )
     chat = bool(getattr(tokenizer, "chat_template", None))
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        task_manager=task_manager,
-        log_samples=True,
-        use_cache=str(output_dir / "lm_eval_cache" / "responses"),
-        apply_chat_template=chat,
-        gen_kwargs={"max_gen_toks": max_gen_tokens, "do_sample": False},
-        bootstrap_iters=0,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    with stated_decoding(model):  # greedy under one stated rule: no generation_config option leaks in
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            task_manager=task_manager,
+            log_samples=True,
+            use_cache=str(output_dir / "lm_eval_cache" / "responses"),
+            apply_chat_template=chat,
+            gen_kwargs={"max_gen_toks": max_gen_tokens, "do_sample": False},
+            bootstrap_iters=0,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     metrics = normalise_metrics(results["results"], tasks)
     samples = results.get("samples", {})
     samples_path = output_dir / "samples.jsonl"

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
+from unisd_components.generation import greedy_kwargs, stated_decoding
+
 __all__ = ["greedy_completions", "ppl_fit", "render_prompt", "retention", "score_completions"]
 
 
@@ -207,16 +209,14 @@ def greedy_completions(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for batch in _batches(order, batch_size):
         ids, mask, _ = _left_padded([prompts[i] for i in batch], pad_id, _device(model))
-        generated = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=pad_id,
-        )
+        with stated_decoding(model):  # greedy under one stated rule, whatever the model ships
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                **greedy_kwargs(),
+                pad_token_id=pad_id,
+            )
         for k, row in enumerate(batch):
             tokens = generated[k, ids.shape[1] :].tolist()
             cut = next((j for j, t in enumerate(tokens) if t in eos), len(tokens))
