@@ -161,3 +161,32 @@ def test_bundled_smollm2_all_six_benchmarks(tmp_path, data_dir):
         for r in rows
         if r["benchmark"] in ("mbpp", "humaneval")
     )
+
+
+def test_evaluation_leaves_the_callers_random_streams_alone(tiny_model_and_tokenizer, tmp_path, data_dir):
+    """Issue 11 item 6: lm-eval seeds every global generator; a dev evaluation during training must not
+    re-seed the trial's sampling (Python, NumPy and torch draws after it are those without it)."""
+    import random
+
+    import numpy as np
+
+    model, tok = tiny_model_and_tokenizer
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    def seed_all():
+        random.seed(7)
+        np.random.seed(7)
+        torch.manual_seed(7)
+
+    seed_all()
+    draws()
+    expected = draws()
+    seed_all()
+    draws()
+    evaluate_model(
+        model, tok, ["cos_e"], limit=2, batch_size=2, output_dir=tmp_path, data_dir=data_dir,
+        max_gen_tokens=4, ppl_fit=False, retention=False,
+    )
+    assert draws() == expected

@@ -17,9 +17,11 @@ Why these choices (integration-notes.md, lm-eval section):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -146,6 +148,32 @@ def _generated_completions(
     return [by_id[ex.id] for ex in examples]
 
 
+def _preserving_rng(function):
+    """Run ``function`` without touching the caller's random streams (Python, NumPy, torch CPU/CUDA).
+
+    lm-eval seeds every global generator with the evaluation seed; a dev evaluation in the middle of
+    training would otherwise re-seed the trial's sampling (issue 11 item 6), so a pruned run would train
+    differently from an unpruned one.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        import numpy as np
+        import torch
+
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                return function(*args, **kwargs)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+    return wrapper
+
+
+@_preserving_rng
 def evaluate_model(
     model,
     tokenizer,
@@ -179,12 +207,14 @@ def evaluate_model(
             texts; multiple-choice benchmarks only, the others stay generative).
         max_gen_tokens: Generation budget of every generative task and of retention's completions.
         base_model: The untrained model; when given (and ``retention``), adds ``ppl_ret``, ``ret_jsd``
-            and ``ppl_ret_reverse`` (base completions cached in ``cache_dir``). The evaluated model's
+            and ``ppl_ret_reverse``, pooled and per benchmark (``<bench>.ppl_ret`` ...; base completions
+            generated greedily once and cached in ``cache_dir``). The evaluated model's
             greedy completions are the ones lm-eval just generated (re-tokenized text, cut at the task's
             stop sequences), not a second generation pass; log-likelihood scoring generates them.
         ppl_fit: Add ``ppl_fit`` (gold-demonstration perplexity, token-weighted over all benchmarks).
 
-    lm-eval seeds Python's, NumPy's and torch's global generators with ``seed`` on the way in.
+    lm-eval seeds Python's, NumPy's and torch's global generators with ``seed`` on the way in; their
+    states are restored on the way out, so evaluating never changes the caller's random streams.
 
     Returns:
         :class:`EvalResult` with metrics named ``<benchmark>.acc`` / ``<benchmark>.pass_at_1``,

@@ -9,10 +9,14 @@ example's chat messages rendered with the tokenizer's chat template and a genera
   ``ppl_i = exp(-mean_t log p_base(y_t | x, y_<t))``; ``ppl_ret`` is the mean of ``ppl_i`` over prompts
   (PROMPT-WEIGHTED, as the reference code computes it). Lower: the model still speaks like its base.
 - ``ret_jsd``: Jensen-Shannon divergence (nats, at most ln 2) between the base and the evaluated model's
-  full next-token distributions at every position of those completions, mean over all tokens.
+  full next-token distributions at every position of those completions: mean over an example's tokens,
+  then over examples (as the reference computes it).
 - ``ppl_ret_reverse``: the base model's greedy completions scored by the evaluated model, same averaging
   as ``ppl_ret``. The base completions are generated once per (base model, benchmark, prompt version,
-  max_new_tokens) and cached as JSON in ``cache_dir``, so the variants of a study share them.
+  max_new_tokens) by :func:`greedy_completions` (whichever trial gets there first) and cached as JSON in
+  ``cache_dir``, so the variants of a study share them.
+- Each is also reported per benchmark (``<bench>.ppl_ret``, ``<bench>.ret_jsd``,
+  ``<bench>.ppl_ret_reverse``), besides the pooled value over every prompt.
 
 Completions end at the first end-of-sequence token (excluded) and are scored as the generated token ids,
 never re-tokenized. Empty completions are skipped (no tokens to score). Everything runs batched, under
@@ -274,15 +278,9 @@ def _cached_base_completions(
     max_new_tokens: int,
     batch_size: int,
     cache_dir: Path | None,
-    known: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
-    """Base greedy completions, read from / added to one JSON file per (base model, benchmark).
-
-    ``known``: the base model's own greedy completions when the caller has them (evaluating the base
-    model itself): they fill the cache instead of a second generation pass.
-    """
-    if cache_dir is None and known is not None:
-        return [list(c) for c in known]
+    """Base greedy completions (:func:`greedy_completions`, the only producer), read from / added to one
+    JSON file per (base model, benchmark)."""
     if cache_dir is None:
         return greedy_completions(
             base_model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
@@ -301,16 +299,12 @@ def _cached_base_completions(
             result[i] = by_file[path][ex.id]
     missing = [i for i, r in enumerate(result) if r is None]
     if missing:
-        fresh = (
-            [known[i] for i in missing]
-            if known is not None
-            else greedy_completions(
-                base_model,
-                tokenizer,
-                [prompts[i] for i in missing],
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-            )
+        fresh = greedy_completions(
+            base_model,
+            tokenizer,
+            [prompts[i] for i in missing],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
         )
         touched = set()
         for i, tokens in zip(missing, fresh, strict=True):
@@ -376,8 +370,13 @@ def retention(
     Both models must share ``tokenizer`` (and its vocabulary). ``completions``: the evaluated model's
     greedy completions as token ids, when the caller already has them (saves one generation pass);
     otherwise they are generated here. Prompts whose completion is empty are left out of the means.
-    Evaluating the base model against itself scores once, and its completions seed the base-completion
-    cache that every later variant's reverse direction reads.
+
+    The reverse direction's base completions have one definition and one producer, whatever the order in
+    which trials run: :func:`greedy_completions` of the base model (token ids up to EOS), cached per base
+    model in ``cache_dir``; the base model's own evaluation never seeds that cache with its lm-eval text.
+
+    Per benchmark (``ex.benchmark``) as well as pooled: ``<bench>.ppl_ret``, ``<bench>.ret_jsd``,
+    ``<bench>.ppl_ret_reverse``. ``ret_jsd`` is the mean over an example's tokens, then over examples.
     """
     if not examples:
         raise ValueError("retention needs at least one example")
@@ -386,29 +385,29 @@ def retention(
         completions = greedy_completions(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
         )
-    same = model is base_model
     base_completions = _cached_base_completions(
-        base_model,
-        tokenizer,
-        examples,
-        prompts,
-        max_new_tokens,
-        batch_size,
-        cache_dir,
-        known=completions if same else None,
+        base_model, tokenizer, examples, prompts, max_new_tokens, batch_size, cache_dir
     )
-    sets: list[Sequence[Sequence[int]]] = [completions] + ([] if same else [base_completions])
+    sets: list[Sequence[Sequence[int]]] = [completions, base_completions]
     if with_ppl_fit:
         sets.append(_gold_ids(tokenizer, examples))
     model_lp, base_lp, jsd = _scores_by_set(model, base_model, tokenizer, prompts, sets, batch_size)
-    forward_ppl = _per_prompt_ppl(base_lp)
-    reverse_ppl = _per_prompt_ppl(model_lp[0] if same else model_lp[1])
-    jsd_tokens = [t for t in jsd if t.numel() > 0]
-    metrics = {
-        "ppl_ret": sum(forward_ppl) / len(forward_ppl) if forward_ppl else float("nan"),
-        "ret_jsd": float(torch.cat(jsd_tokens).mean()) if jsd_tokens else float("nan"),
-        "ppl_ret_reverse": sum(reverse_ppl) / len(reverse_ppl) if reverse_ppl else float("nan"),
-    }
+    groups: dict[str, list[int]] = {"": list(range(len(examples)))}
+    benchmarks = sorted({getattr(ex, "benchmark", "") for ex in examples} - {""})
+    for bench in benchmarks:
+        groups[f"{bench}."] = [i for i, ex in enumerate(examples) if getattr(ex, "benchmark", "") == bench]
+    metrics: dict[str, float] = {}
+    for prefix, rows in groups.items():
+        forward_ppl = _per_prompt_ppl([base_lp[i] for i in rows])
+        reverse_ppl = _per_prompt_ppl([model_lp[1][i] for i in rows])
+        jsd_means = [float(jsd[i].mean()) for i in rows if jsd[i].numel() > 0]
+        metrics[f"{prefix}ppl_ret"] = _mean(forward_ppl)
+        metrics[f"{prefix}ret_jsd"] = _mean(jsd_means)
+        metrics[f"{prefix}ppl_ret_reverse"] = _mean(reverse_ppl)
     if with_ppl_fit:
         metrics["ppl_fit"] = _token_weighted_ppl(model_lp[-1])
     return metrics
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
