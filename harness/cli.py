@@ -13,10 +13,11 @@ from harness.errors import HarnessError
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from harness.plan import describe_plan
+    from harness.plan import check_ema_syncs, describe_plan
     from harness.spec import load_spec
 
     spec = load_spec(args.spec)
+    check_ema_syncs(spec)
     plan = describe_plan(spec)
     variants = plan["variants"]
     shown = ", ".join(variants[:8]) + (f", ... ({len(variants) - 8} more)" if len(variants) > 8 else "")
@@ -62,6 +63,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from harness.plan import check_ema_syncs
     from harness.spec import load_spec
     from harness.study import run_study
     from unisd_components.cpu_memory import keep_freed_memory
@@ -69,6 +71,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     keep_freed_memory()  # before the first model is loaded (see the module: ~6% per training step on CPU)
 
     spec = load_spec(args.spec).with_overrides(output_dir=args.output_dir, storage=args.storage)
+    check_ema_syncs(spec)
     summary = run_study(spec, workers=args.workers, gpus_per_trial=args.gpus_per_trial, dry_run=args.dry_run)
     if summary.dry_run:
         print(summary.plan)

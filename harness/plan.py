@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TrialPoint",
+    "check_ema_syncs",
     "describe_plan",
     "format_plan",
     "grid_points",
@@ -165,6 +166,9 @@ def _raw_params(kind: _Kind, spec: StudySpec) -> tuple[dict[str, Any], dict[str,
         for key, value in values.items():
             raw[f"gkd.{key}"] = value
             defaults[f"gkd.{key}"] = GKDConfig.model_fields[key].default
+        if "kl_to_base_beta" in method.model_fields_set:  # GKD samples on-policy too: the regulariser applies
+            raw["kl_to_base_beta"] = method.kl_to_base_beta
+            defaults["kl_to_base_beta"] = VariantConfig.model_fields["kl_to_base_beta"].default
     for key, value in section_values(spec.training).items():
         raw[f"training.{key}"] = value
         defaults[f"training.{key}"] = TrainingConfig.model_fields[key].default
@@ -201,7 +205,9 @@ def _build(kind: _Kind, values: Mapping[str, Any], seed: int, grid: Mapping[str,
         variant = VariantConfig(method="sft")
     elif kind.method == "gkd":
         gkd = {k.removeprefix("gkd."): v for k, v in values.items() if k.startswith("gkd.")}
-        variant = VariantConfig(method="gkd", gkd=GKDConfig(**gkd))
+        variant = VariantConfig(
+            method="gkd", gkd=GKDConfig(**gkd), kl_to_base_beta=values.get("kl_to_base_beta", 0.0)
+        )
     else:
         sections = {
             name: COMPONENT_CONFIGS[name](
@@ -261,6 +267,38 @@ def grid_points(spec: StudySpec) -> list[TrialPoint]:
             for seed in spec.seeds:
                 points.append(_build(kind, values, seed, grid))
     return points
+
+
+def check_ema_syncs(spec: StudySpec) -> None:
+    """Refuse an EMA sync period longer than the optimizer steps a variant will take (issue 11 item 5):
+    its teacher would never move and the variant would train as the one without EMA. The step count
+    needs the training set's size, which the plan knows and the spec's validation does not: ``harness
+    validate`` and ``harness run`` call it (the trainer refuses the same at its first step)."""
+    from harness.trial import _planned_steps
+
+    n_examples = _train_examples(spec)
+    searching = spec.search.sampler != "grid"
+    for kind in _kinds(spec):
+        if "ema" not in kind.components:
+            continue
+        for values, _ in _expand(kind, spec, fixed=searching):
+            point = _build(kind, values, spec.seeds[0], {})
+            sync = _raw_params(kind, spec)[0]["ema.sync_steps"] if searching else values["ema.sync_steps"]
+            if isinstance(sync, IntSpace):
+                largest = sync.high
+            elif isinstance(sync, ChoiceSpace):
+                largest = max(int(c) for c in sync.choices)  # type: ignore[arg-type]
+            else:
+                largest = sync
+            steps = _planned_steps(point.training, n_examples)
+            if largest > steps:
+                tr = point.training
+                where = f"{spec.source}: " if spec.source else ""
+                raise SpecError(
+                    f"{where}method.ema.sync_steps: {largest} is more than the {steps} optimizer steps "
+                    f"{kind.name} takes ({n_examples} examples, batch {tr.batch_size} x grad_accum "
+                    f"{tr.grad_accum}, {tr.epochs} epoch(s)): its EMA teacher would never sync; lower it"
+                )
 
 
 def suggest_point(trial: optuna.Trial, spec: StudySpec) -> TrialPoint:

@@ -151,6 +151,11 @@ def _train(model, tokenizer, examples, variant, training, cache_dir, callback, t
         total_steps = training.max_steps or max(
             1, math.ceil(training.epochs * micro_per_epoch / training.grad_accum)
         )
+        if variant.ema is not None and variant.ema.sync_steps > total_steps:
+            raise ValueError(
+                f"EMA sync_steps {variant.ema.sync_steps} > the {total_steps} optimizer steps of this run: "
+                "the teacher would never sync and the variant would train without EMA; lower sync_steps"
+            )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(training, total_steps))
         runner = StepRunner(
             model, tokenizer, variant, training, components, teacher, base, timer, training.seed
