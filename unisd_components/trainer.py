@@ -51,7 +51,11 @@ Callback = Callable[[int, dict[str, float]], None]
 
 @dataclass
 class TrainingExample:
-    """One training prompt with its gold demonstration (``kind``/``choices``/``answer`` shape negatives)."""
+    """One training prompt with its gold demonstration (``kind``/``choices``/``answer`` shape negatives).
+
+    ``benchmark`` groups examples: agreement donors, retrieval neighbours and induced instructions come
+    from the prompt's own benchmark ("" for every example: one group).
+    """
 
     id: str
     messages: list[dict]
@@ -59,6 +63,7 @@ class TrainingExample:
     kind: str = "text"
     choices: tuple[str, ...] = ()
     answer: str = ""
+    benchmark: str = ""
 
 
 @dataclass
