@@ -288,8 +288,10 @@ class LoRASpec(_Strict):
     """LoRA adapters (peft). Off: full fine-tuning of every weight."""
 
     enabled: bool = False
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32.0, gt=0)
+    r: int = Field(
+        16, ge=1, description="adapter rank; CPU-sized default 16, the method contract's 64 for large models"
+    )
+    alpha: float = Field(32.0, gt=0, description="scale alpha/r; CPU-sized default 32 (GPU studies: 2r)")
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
