@@ -230,3 +230,31 @@ def test_ppl_fit_shared_with_retention_equals_the_separate_pass(tiny_model_and_t
     assert shared["ppl_fit"] == pytest.approx(ppl_fit(model, tok, examples, batch_size=1), rel=1e-4)
     for key in ("ppl_ret", "ret_jsd", "ppl_ret_reverse"):
         assert shared[key] == pytest.approx(alone[key], rel=1e-4, abs=1e-7), key
+
+
+def test_base_prompt_forward_is_reused_across_trials_with_the_same_numbers(tiny_model_and_tokenizer, tmp_path):
+    """Quickstart time: the base model's prompt forward is computed once per process and reused by later
+    trials (same prompts, same base weights), with exactly the numbers a fresh computation gives."""
+    from harness.evaluation import retention as retention_mod
+
+    base, tok = tiny_model_and_tokenizer
+    examples = _examples()
+    one, other = _perturbed(base), _perturbed(base, 0.1)  # copied before the hook (deepcopy copies hooks)
+    widths: list[int] = []
+    hook = base.register_forward_pre_hook(
+        lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        first = retention(one, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path, batch_size=2)
+        prompt_width = min(len(_prompt_ids(tok, ex)) for ex in examples)
+        calls_first = sum(w >= prompt_width for w in widths)
+        widths.clear()
+        again = retention(other, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path, batch_size=2)
+        assert not any(w >= prompt_width for w in widths)  # no prompt forward of the base this time
+        assert calls_first > 0
+    finally:
+        hook.remove()
+    retention_mod._PREFILLS.clear()
+    fresh = retention(other, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path, batch_size=2)
+    assert again == fresh
+    assert first != again

@@ -30,6 +30,7 @@ import hashlib
 import inspect
 import json
 import math
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -95,11 +96,44 @@ _CACHE_KWARG = (
 )
 
 
+# The base model's prompt forward (last-position logits and KV cache) per batch of prompts, kept for the
+# process's later trials: every trial scores its completions under the same base model after the same
+# prompts, and on a CPU the prompts are most of that cost. Keyed by the model object (weakly) and a
+# fingerprint of its weights, within a memory budget (large models and sets simply recompute).
+_PREFILLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PREFILL_BUDGET_BYTES = 1 << 30
+
+
+def _cache_bytes(cache) -> int | None:
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    total = 0
+    for layer in layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if not isinstance(tensor, torch.Tensor):
+                return None
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _keep_prefill(model, key, first: torch.Tensor, cache) -> None:
+    size = _cache_bytes(cache)
+    if size is None:
+        return
+    kept = _PREFILLS.setdefault(model, {})
+    used = sum(int(f.numel() * f.element_size()) + b for f, _, b in kept.values())
+    if used + size + first.numel() * first.element_size() <= _PREFILL_BUDGET_BYTES:
+        kept[key] = (first, copy.deepcopy(cache), size)
+
+
 def _completion_logprobs(
     model,
     prompts: Sequence[Sequence[int]],
     completion_sets: Sequence[Sequence[Sequence[int]]],
     pad_id: int,
+    reuse_prefill: str | None = None,
 ) -> list[list[torch.Tensor]]:
     """Full-vocabulary fp32 log-probabilities at each completion token's prediction position.
 
@@ -108,12 +142,22 @@ def _completion_logprobs(
     set (on a CPU the prompt is most of the cost). The last prompt position predicts each completion's
     first token; a set's continuation pass (right-padded, positions continuing each row's real length)
     predicts the rest, so logits are computed only where completion tokens are predicted.
-    Returns, per set, one ``[len(completion), vocab]`` tensor per row.
+    Returns, per set, one ``[len(completion), vocab]`` tensor per row. ``reuse_prefill``: a fingerprint
+    of ``model``'s weights; the prompts' forward is then kept and reused by later calls (the base model).
     """
     ids, mask, positions = _left_padded(prompts, pad_id, _device(model))
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    first = out.logits[:, -1, :].float()  # predicts token 0 of every completion
-    cache = out.past_key_values
+    key = (reuse_prefill, pad_id, tuple(tuple(p) for p in prompts)) if reuse_prefill else None
+    kept = _PREFILLS.get(model, {}).get(key) if key is not None else None
+    if kept is not None:
+        first, cache = kept[0], copy.deepcopy(kept[1])
+    else:
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        first = out.logits[:, -1, :].float()  # predicts token 0 of every completion
+        cache = out.past_key_values
+        if key is not None:
+            _keep_prefill(model, key, first, cache)
     lengths = mask.sum(-1, keepdim=True)
     results: list[list[torch.Tensor]] = []
     for index, completions in enumerate(completion_sets):
@@ -334,12 +378,19 @@ def _scores_by_set(
     model_lp = [[torch.zeros(0)] * n_rows for _ in sets]
     base_lp, jsd = [torch.zeros(0)] * n_rows, [torch.zeros(0)] * n_rows
     order = sorted(range(n_rows), key=lambda i: len(prompts[i]))
+    base_fingerprint = None if model is base_model else model_fingerprint(base_model)
     for batch in _batches(order, batch_size):
         batch_prompts = [prompts[i] for i in batch]
         batch_sets = [[s[i] for i in batch] for s in sets]
         ours = _completion_logprobs(model, batch_prompts, batch_sets, pad_id)
         same = model is base_model
-        base = ours[0] if same else _completion_logprobs(base_model, batch_prompts, batch_sets[:1], pad_id)[0]
+        base = (
+            ours[0]
+            if same
+            else _completion_logprobs(
+                base_model, batch_prompts, batch_sets[:1], pad_id, reuse_prefill=base_fingerprint
+            )[0]
+        )
         for k, row in enumerate(batch):
             for index, completions in enumerate(batch_sets):
                 target = torch.tensor(list(completions[k]), dtype=torch.long, device=ours[index][k].device)
