@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import random
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -146,6 +147,69 @@ def _generated_completions(
     if any(ex.id not in by_id for ex in examples):
         return None
     return [by_id[ex.id] for ex in examples]
+
+
+def _base_completions(
+    model, base_model, tokenizer, benchmarks, examples, own, cache_dir: Path | None, settings: dict
+) -> list[list[int]]:
+    """The base model's completions for ``ppl_ret_reverse``, with one definition whatever the trial order:
+    the base model's own lm-eval completions (the same rule as the evaluated model's, re-tokenized).
+
+    Read from ``cache_dir`` (one JSON file per base model, benchmark, prompt version and settings); what
+    is missing comes from this evaluation when it evaluates the base model itself (no second pass), else
+    from an lm-eval evaluation of the base model with the same settings.
+    """
+    from harness.evaluation.retention import model_fingerprint
+
+    def from_base_evaluation() -> list[list[int]]:
+        if model is base_model:
+            return [list(c) for c in own]
+        with tempfile.TemporaryDirectory(prefix="unisd-base-eval-") as tmp:
+            result = evaluate_model(
+                base_model, tokenizer, benchmarks, output_dir=Path(tmp), ppl_fit=False, retention=False,
+                **settings,
+            )  # fmt: skip
+            texts = _texts_by_id(result.samples_path, examples)
+        return [tokenizer(texts[ex.id], add_special_tokens=False)["input_ids"] for ex in examples]
+
+    if cache_dir is None:
+        return from_base_evaluation()
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = model_fingerprint(base_model)
+    tag = f"n{settings['max_gen_tokens']}-b{settings['batch_size']}-{settings['scoring']}"
+
+    def path_of(ex) -> Path:
+        version = ex.metadata.get("prompt_version", 0)
+        return cache_dir / f"base-lm-eval-completions-{fingerprint}-{ex.benchmark}-v{version}-{tag}.json"
+
+    files = {path: json.loads(path.read_text()) if path.is_file() else {} for path in map(path_of, examples)}
+    if any(ex.id not in files[path_of(ex)] for ex in examples):
+        fresh = from_base_evaluation()
+        for ex, tokens in zip(examples, fresh, strict=True):
+            files[path_of(ex)].setdefault(ex.id, tokens)
+        for path, entries in files.items():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(entries))
+            tmp.replace(path)  # atomic: a concurrent reader sees the old or the new file, never half
+    return [files[path_of(ex)][ex.id] for ex in examples]
+
+
+def _texts_by_id(samples_path: Path | None, examples) -> dict[str, str]:
+    """Completions from an evaluation's ``samples.jsonl``, as :func:`_generated_completions` reads them."""
+    from harness.evaluation.tasks._common import CODE_PREFIX
+
+    kinds = {ex.id: ex.kind for ex in examples}
+    texts: dict[str, str] = {}
+    if samples_path is not None:
+        for line in samples_path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row["id"] in kinds:
+                texts[row["id"]] = (CODE_PREFIX if kinds[row["id"]] == "code" else "") + row["response"][0][0]
+    missing = [ex.id for ex in examples if ex.id not in texts]
+    if missing:
+        raise RuntimeError(f"the base model's evaluation produced no completion for {missing[:3]}")
+    return texts
 
 
 def _preserving_rng(function):
@@ -292,6 +356,15 @@ def evaluate_model(
                 if texts is not None
                 else None
             )
+            base_completions = None
+            if completions is not None:
+                settings = dict(
+                    split=split, limit=limit, batch_size=batch_size, data_dir=data_dir, seed=seed,
+                    scoring=scoring, max_gen_tokens=max_gen_tokens,
+                )  # fmt: skip
+                base_completions = _base_completions(
+                    model, base_model, tokenizer, benchmarks, examples, completions, cache_dir, settings
+                )
             metrics.update(
                 retention_mod.retention(
                     model,
@@ -303,6 +376,7 @@ def evaluate_model(
                     batch_size=batch_size,
                     completions=completions,
                     with_ppl_fit=ppl_fit,  # the gold demonstrations share the prompts' forward pass
+                    base_completions=base_completions,
                 )
             )
     seconds = time.perf_counter() - start

@@ -414,6 +414,7 @@ def retention(
     batch_size: int = 8,
     completions: Sequence[Sequence[int]] | None = None,
     with_ppl_fit: bool = False,
+    base_completions: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, float]:
     """``{"ppl_ret", "ret_jsd", "ppl_ret_reverse"}`` of ``model`` against ``base_model`` on ``examples``
     (plus ``ppl_fit`` with ``with_ppl_fit``: the gold demonstrations share the prompts' forward pass).
@@ -422,9 +423,10 @@ def retention(
     greedy completions as token ids, when the caller already has them (saves one generation pass);
     otherwise they are generated here. Prompts whose completion is empty are left out of the means.
 
-    The reverse direction's base completions have one definition and one producer, whatever the order in
-    which trials run: :func:`greedy_completions` of the base model (token ids up to EOS), cached per base
-    model in ``cache_dir``; the base model's own evaluation never seeds that cache with its lm-eval text.
+    ``base_completions``: the base model's completions for the reverse direction, when the caller owns
+    their definition (:func:`harness.evaluation.evaluate_model`: the base model's own lm-eval completions).
+    Otherwise they have one producer, whatever the order in which trials run: :func:`greedy_completions`
+    of the base model (token ids up to EOS), cached per base model in ``cache_dir``.
 
     Per benchmark (``ex.benchmark``) as well as pooled: ``<bench>.ppl_ret``, ``<bench>.ret_jsd``,
     ``<bench>.ppl_ret_reverse``. ``ret_jsd`` is the mean over an example's tokens, then over examples.
@@ -436,9 +438,10 @@ def retention(
         completions = greedy_completions(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
         )
-    base_completions = _cached_base_completions(
-        base_model, tokenizer, examples, prompts, max_new_tokens, batch_size, cache_dir
-    )
+    if base_completions is None:
+        base_completions = _cached_base_completions(
+            base_model, tokenizer, examples, prompts, max_new_tokens, batch_size, cache_dir
+        )
     sets: list[Sequence[Sequence[int]]] = [completions, base_completions]
     if with_ppl_fit:
         sets.append(_gold_ids(tokenizer, examples))
