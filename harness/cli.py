@@ -13,10 +13,11 @@ from harness.errors import HarnessError
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from harness.plan import describe_plan, format_plan
+    from harness.plan import check_ema_syncs, describe_plan, format_plan
     from harness.spec import load_spec
 
     spec = load_spec(args.spec)
+    check_ema_syncs(spec)
     print(f"{args.spec}: valid")
     print(format_plan(describe_plan(spec)))
     return 0
@@ -41,6 +42,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from harness.plan import check_ema_syncs
     from harness.spec import load_spec
     from harness.study import run_study
     from unisd_components.cpu_memory import keep_freed_memory
@@ -68,6 +70,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         for model in spec.models():
             resolve_engine(spec.generation.engine, resolve_device(model.device).type)
+    check_ema_syncs(spec)
     summary = run_study(spec, workers=args.workers, gpus_per_trial=args.gpus_per_trial, dry_run=args.dry_run)
     if summary.dry_run:
         print(summary.plan)

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TrialPoint",
+    "check_ema_syncs",
     "describe_plan",
     "format_plan",
     "grid_points",
@@ -184,6 +185,9 @@ def _raw_params(kind: _Kind, spec: StudySpec) -> tuple[dict[str, Any], dict[str,
         for key, value in values.items():
             raw[f"gkd.{key}"] = value
             defaults[f"gkd.{key}"] = GKDConfig.model_fields[key].default
+        if "kl_to_base_beta" in method.model_fields_set:  # GKD samples on-policy too: the regulariser applies
+            raw["kl_to_base_beta"] = method.kl_to_base_beta
+            defaults["kl_to_base_beta"] = VariantConfig.model_fields["kl_to_base_beta"].default
     for key, value in section_values(spec.training).items():
         raw[f"training.{key}"] = value
         defaults[f"training.{key}"] = TrainingConfig.model_fields[key].default
@@ -220,7 +224,9 @@ def _build(kind: _Kind, values: Mapping[str, Any], seed: int, grid: Mapping[str,
         variant = VariantConfig(method="sft")
     elif kind.method == "gkd":
         gkd = {k.removeprefix("gkd."): v for k, v in values.items() if k.startswith("gkd.")}
-        variant = VariantConfig(method="gkd", gkd=GKDConfig(**gkd))
+        variant = VariantConfig(
+            method="gkd", gkd=GKDConfig(**gkd), kl_to_base_beta=values.get("kl_to_base_beta", 0.0)
+        )
     else:
         sections = {
             name: COMPONENT_CONFIGS[name](
@@ -309,6 +315,52 @@ def _place(point: TrialPoint, model: str, task: str | None, prefixed: bool) -> T
     if prefixed:
         point.key_prefix = f"{model}/{task or ('base' if point.variant is None else 'pooled')}/"
     return point
+
+
+def planned_steps(training: Any, n_examples: int, processes: int = 1) -> int:
+    """Optimizer steps the trainer will take (its own rule: micro-batches of the global batch per epoch)."""
+    if training.max_steps is not None:
+        return training.max_steps
+    micro_per_epoch = math.ceil(n_examples / (training.batch_size * processes))
+    return max(1, math.ceil(training.epochs * micro_per_epoch / training.grad_accum))
+
+
+def check_ema_syncs(spec: StudySpec) -> None:
+    """Refuse an EMA sync period longer than the optimizer steps a variant will take (issue 11 item 5):
+    its teacher would never move and the variant would train as the one without EMA. The step count
+    needs the training set's size, which the plan knows and the spec's validation does not: ``harness
+    validate`` and ``harness run`` call it (the trainer refuses the same at its first step). Checked on
+    the smallest training cell (per task: the smallest task) and each model's own batch."""
+    from harness.axes import cell_spec
+
+    n_examples = min(
+        _train_examples(cell_spec(spec, _Coordinates(spec.models()[0].label, task))) for task in spec.train_tasks()
+    )
+    searching = spec.search.sampler != "grid"
+    for kind in _kinds(spec):
+        if "ema" not in kind.components:
+            continue
+        for values, _ in _expand(kind, spec, fixed=searching):
+            point = _build(kind, values, spec.seeds[0], {})
+            sync = _raw_params(kind, spec)[0]["ema.sync_steps"] if searching else values["ema.sync_steps"]
+            if isinstance(sync, IntSpace):
+                largest = sync.high
+            elif isinstance(sync, ChoiceSpace):
+                largest = max(int(c) for c in sync.choices)  # type: ignore[arg-type]
+            else:
+                largest = sync
+            for model in spec.models():
+                tr = point.training
+                if model.batch_size is not None:
+                    tr = tr.model_copy(update={"batch_size": model.batch_size})
+                steps = planned_steps(tr, n_examples)
+                if largest > steps:
+                    where = f"{spec.source}: " if spec.source else ""
+                    raise SpecError(
+                        f"{where}method.ema.sync_steps: {largest} is more than the {steps} optimizer steps "
+                        f"{kind.name} takes ({n_examples} examples, batch {tr.batch_size} x grad_accum "
+                        f"{tr.grad_accum}, {tr.epochs} epoch(s)): its EMA teacher would never sync; lower it"
+                    )
 
 
 def suggest_point(trial: optuna.Trial, spec: StudySpec) -> TrialPoint:

@@ -286,8 +286,10 @@ class LoRASpec(_Strict):
     """LoRA adapters (peft). Off: full fine-tuning of every weight."""
 
     enabled: bool = False
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32.0, gt=0)
+    r: int = Field(
+        16, ge=1, description="adapter rank; CPU-sized default 16, the method contract's 64 for large models"
+    )
+    alpha: float = Field(32.0, gt=0, description="scale alpha/r; CPU-sized default 32 (GPU studies: 2r)")
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -652,6 +654,69 @@ ModelsType = Annotated[
 ]
 
 
+def _may_be(value: Any, wanted: Any) -> bool:
+    """A fixed value equal to ``wanted``, or a choice space that offers it."""
+    if isinstance(value, ChoiceSpace):
+        return any(c == wanted for c in value.choices)
+    return value == wanted
+
+
+def _check_nothing_inert(method: MethodSpec) -> None:
+    """Refuse settings that validate and then do nothing (issue 11 item 5), one field and reason each.
+
+    Why here, in one place: each of these made a variant train as another one while its name said
+    otherwise. The EMA sync period against the planned optimizer steps needs the training set's size, so
+    it is checked with the plan (``harness.plan``), not here.
+    """
+    variants: list[tuple[str, tuple[str, ...]]] = [
+        ("unisd[" + "+".join(s) + "]", s) for s in method.subset_list() if s
+    ]
+    variants += [(p, PRESET_COMPONENTS[p]) for p in method.presets]
+    fm = method.feature_matching
+    if fm is not None and _may_be(fm.match_repr, True):
+        for name, components in variants:
+            dropped = [c for c in ("agreement", "clipping") if c in components]
+            if "feature_matching" in components and dropped:
+                raise _FieldProblem(
+                    ("method", "feature_matching", "match_repr"),
+                    f"drops the divergence, so {' and '.join(dropped)} in {name} would do nothing "
+                    "(they weight and clip the divergence); leave them out of that variant or set false",
+                )
+    clip = method.clipping
+    if clip is not None:
+        mode_set = clip.model_fields_set
+        if "cap" in mode_set and not _may_be(clip.mode, "static"):
+            raise _FieldProblem(
+                ("method", "clipping", "cap"),
+                "only mode: static uses a fixed cap (adaptive caps at the batch's quantile); remove it",
+            )
+        if "quantile" in mode_set and not _may_be(clip.mode, "adaptive"):
+            raise _FieldProblem(
+                ("method", "clipping", "quantile"),
+                "only mode: adaptive uses the quantile (static caps at clipping.cap); remove it",
+            )
+    agreement = method.agreement
+    if agreement is not None and not _may_be(agreement.level, "token"):
+        for key in ("quantile", "cap", "floor"):
+            if key in agreement.model_fields_set:
+                raise _FieldProblem(
+                    ("method", "agreement", key),
+                    "a token-level setting: level sequence weights whole sequences and ignores it",
+                )
+    distills = bool(variants) or "sdft" in method.baselines or any(not s for s in method.subset_list())
+    if "alpha" in method.model_fields_set and not distills:
+        raise _FieldProblem(
+            ("method", "alpha"),
+            "no variant uses it: it is the divergence of sdft and the UniSD variants (GKD's is "
+            "method.gkd.beta, SFT has none)",
+        )
+    if "kl_to_base_beta" in method.model_fields_set and not (distills or "gkd" in method.baselines):
+        raise _FieldProblem(
+            ("method", "kl_to_base_beta"),
+            "no variant uses it: SFT trains on gold demonstrations, not on its own samples",
+        )
+
+
 class StudySpec(_Strict):
     """One study: what to train, how to evaluate, how to search, where results go.
 
@@ -719,6 +784,11 @@ class StudySpec(_Strict):
         copy = self.model_copy(update=update)
         copy._source = self._source
         return copy
+
+    @model_validator(mode="after")
+    def _nothing_inert(self) -> StudySpec:
+        _check_nothing_inert(self.method)
+        return self
 
     # ---- derived facts ------------------------------------------------------------------------------
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -151,14 +150,6 @@ def _evaluate_base(spec: StudySpec, ctx: TrialContext) -> tuple[dict[str, float]
 # Training
 
 
-def _planned_steps(training, n_examples: int, processes: int = 1) -> int:
-    """Optimizer steps the trainer will take (its own rule: micro-batches of the global batch per epoch)."""
-    if training.max_steps is not None:
-        return training.max_steps
-    micro_per_epoch = math.ceil(n_examples / (training.batch_size * processes))
-    return max(1, math.ceil(training.epochs * micro_per_epoch / training.grad_accum))
-
-
 class _StepCallback:
     """The trainer's per-step callback: MLflow curve, progress, and (when pruning) dev-set reports."""
 
@@ -261,7 +252,7 @@ def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float
     ``train_seconds``, ``eval_seconds``, ``generated_tokens`` and ``train_steps``. Raises whatever
     training raises (``NonFiniteLossError``, out of memory): the runner records the trial as failed.
     """
-    from harness.plan import point_training, point_variant
+    from harness.plan import planned_steps, point_training, point_variant
 
     ctx.trial_dir.mkdir(parents=True, exist_ok=True)
     variant = point_variant(point)  # None: the untrained base model
@@ -291,7 +282,7 @@ def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float
     # Data-parallel: the training processes hold their own copies; this one is made after they finish.
     model = _trainable_copy(base, spec) if ctx.processes == 1 else None
     examples = load_train_examples(spec.data)
-    total = _planned_steps(training, len(examples), ctx.processes)
+    total = planned_steps(training, len(examples), ctx.processes)
     ctx.progress.trial_steps(total)
     callback = _StepCallback(spec, ctx, model, tokenizer, total)
     start = time.perf_counter()

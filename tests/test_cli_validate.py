@@ -25,7 +25,7 @@ method:
   baselines: [base, sft]
   subsets: [[ema]]
   ema:
-    beta: 0.5
+    {beta: 0.5, sync_steps: 1}
 training:
   max_steps: 1
 evaluation:

@@ -193,3 +193,58 @@ def test_evaluation_and_tracking_name_metrics_alike():
         {"unisd_scienceqa": {"acc,none": 1.0, "acc,flex": 0.0}}, {"unisd_scienceqa": "scienceqa"}
     )
     assert two == {"scienceqa.acc": 1.0, "scienceqa.acc_flex": 0.0, "mean.acc": 1.0}
+
+
+def test_evaluation_leaves_the_callers_random_streams_alone(tiny_model_and_tokenizer, tmp_path, data_dir):
+    """Issue 11 item 6: lm-eval seeds every global generator; a dev evaluation during training must not
+    re-seed the trial's sampling (Python, NumPy and torch draws after it are those without it)."""
+    import random
+
+    import numpy as np
+
+    model, tok = tiny_model_and_tokenizer
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    def seed_all():
+        random.seed(7)
+        np.random.seed(7)
+        torch.manual_seed(7)
+
+    seed_all()
+    draws()
+    expected = draws()
+    seed_all()
+    draws()
+    evaluate_model(
+        model, tok, ["cos_e"], limit=2, batch_size=2, output_dir=tmp_path, data_dir=data_dir,
+        max_gen_tokens=4, ppl_fit=False, retention=False,
+    )
+    assert draws() == expected
+
+
+@pytest.mark.slow
+def test_reverse_retention_is_the_same_whichever_trial_runs_first(tiny_model_and_tokenizer, tmp_path, data_dir):
+    """Issue 11 item 2: the base trial and a variant trial report the same retention numbers whether the
+    base model's evaluation or the variant's fills the shared base-completion cache first."""
+    base, tok = tiny_model_and_tokenizer
+    variant = _perturbed(base, 0.05)
+    kwargs = dict(limit=2, batch_size=2, data_dir=data_dir, max_gen_tokens=6, ppl_fit=False, base_model=base)
+    keys = ("ppl_ret", "ret_jsd", "ppl_ret_reverse", "mbpp.ppl_ret_reverse")
+
+    def run(first, second, order):
+        cache = tmp_path / order / "cache"
+        out = {}
+        for name, model in ((first, {"base": base, "variant": variant}[first]),
+                            (second, {"base": base, "variant": variant}[second])):
+            result = evaluate_model(model, tok, ["mbpp"], output_dir=tmp_path / order / name,
+                                    cache_dir=cache, **kwargs)
+            out[name] = {k: result.metrics[k] for k in keys}
+        return out
+
+    base_first = run("base", "variant", "base_first")
+    variant_first = run("variant", "base", "variant_first")
+    assert base_first == variant_first
+    # One definition: the base's completions are its own lm-eval completions, so base scores itself alike.
+    assert base_first["base"]["ppl_ret"] == pytest.approx(base_first["base"]["ppl_ret_reverse"])

@@ -116,12 +116,13 @@ def test_retention_matches_slow_reference(tiny_model_and_tokenizer, tmp_path):
 
     ours = [_slow_greedy(model, p, 6, tok.eos_token_id) for p in prompts]
     theirs = [_slow_greedy(base, p, 6, tok.eos_token_id) for p in prompts]
-    jsd_values = []
+    jsd_values = []  # one per example: the mean over its tokens (then the mean over examples)
     for p, c in zip(prompts, ours, strict=True):
         lp_base, lp_model = _slow_logprobs(base, p, c), _slow_logprobs(model, p, c)
         pb, pm = lp_base.exp(), lp_model.exp()
         m = 0.5 * (pb + pm)
-        jsd_values += (0.5 * (pb * (pb / m).log()).sum(-1) + 0.5 * (pm * (pm / m).log()).sum(-1)).tolist()
+        per_token = 0.5 * (pb * (pb / m).log()).sum(-1) + 0.5 * (pm * (pm / m).log()).sum(-1)
+        jsd_values.append(float(per_token.mean()))
 
     assert got["ppl_ret"] == pytest.approx(_slow_ppl(base, prompts, ours), rel=1e-4)
     assert got["ppl_ret_reverse"] == pytest.approx(_slow_ppl(model, prompts, theirs), rel=1e-4)
@@ -162,21 +163,59 @@ def test_base_completions_cached_per_base_model(tiny_model_and_tokenizer, tmp_pa
     assert len(list(tmp_path.glob("base-completions-*.json"))) == 2  # different weights, own cache file
 
 
-def test_base_evaluation_seeds_the_cache_with_its_own_completions(tiny_model_and_tokenizer, tmp_path):
-    """Evaluating the base model hands its (lm-eval) completions to the cache: no second generation."""
+def test_reverse_retention_does_not_depend_on_trial_order(tiny_model_and_tokenizer, tmp_path):
+    """Issue 11 item 2: the base trial (with its lm-eval completions, cut at stop sequences) and a variant
+    trial give the same numbers whichever fills the base-completion cache first."""
     base, tok = tiny_model_and_tokenizer
-    examples = _examples()
-    own = [[11, 12, 13], [21, 22], [31]]
-    got = retention(base, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path, completions=own)
-    prompts = [_prompt_ids(tok, ex) for ex in examples]
-    assert got["ppl_ret"] == pytest.approx(_slow_ppl(base, prompts, own), rel=1e-4)
-    assert got["ppl_ret_reverse"] == pytest.approx(got["ppl_ret"], rel=1e-6)
-    assert got["ret_jsd"] == 0.0
-    (cache_file,) = tmp_path.glob("base-completions-*.json")
-    assert json.loads(cache_file.read_text()) == {ex.id: c for ex, c in zip(examples, own, strict=True)}
     variant = _perturbed(base)
-    later = retention(variant, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path)
-    assert later["ppl_ret_reverse"] == pytest.approx(_slow_ppl(variant, prompts, own), rel=1e-4)
+    examples = _examples()
+    lm_eval_cut = [[11, 12, 13], [21, 22], [31]]  # what lm-eval hands over for the base: not raw greedy
+    kwargs = dict(max_new_tokens=4, batch_size=2)
+
+    first = tmp_path / "base_first"
+    base_a = retention(base, base, tok, examples, cache_dir=first, completions=lm_eval_cut, **kwargs)
+    variant_a = retention(variant, base, tok, examples, cache_dir=first, **kwargs)
+    second = tmp_path / "variant_first"
+    variant_b = retention(variant, base, tok, examples, cache_dir=second, **kwargs)
+    base_b = retention(base, base, tok, examples, cache_dir=second, completions=lm_eval_cut, **kwargs)
+
+    assert variant_a == pytest.approx(variant_b, rel=1e-6)
+    assert base_a == pytest.approx(base_b, rel=1e-6)
+    prompts = [_prompt_ids(tok, ex) for ex in examples]
+    greedy = [_slow_greedy(base, p, 4, tok.eos_token_id) for p in prompts]
+    assert variant_a["ppl_ret_reverse"] == pytest.approx(_slow_ppl(variant, prompts, greedy), rel=1e-4)
+    assert base_a["ppl_ret_reverse"] == pytest.approx(_slow_ppl(base, prompts, greedy), rel=1e-4)
+    assert base_a["ppl_ret"] == pytest.approx(_slow_ppl(base, prompts, lm_eval_cut), rel=1e-4)
+
+
+def test_retention_per_benchmark_and_jsd_per_example_first(tiny_model_and_tokenizer, tmp_path):
+    """Issue 11 item 7: <bench>.ppl_ret / <bench>.ret_jsd besides the pooled values; JSD averaged over an
+    example's tokens, then over examples (a long completion does not outweigh a short one)."""
+    base, tok = tiny_model_and_tokenizer
+    model = _perturbed(base)
+    examples = _examples()
+    examples[2] = Example(
+        id="other/2", benchmark="other", kind="multiple_choice", messages=examples[2].messages,
+        demonstration=examples[2].demonstration, answer="A", metadata={"prompt_version": 1},
+    )
+    own = [[11, 12, 13, 14, 15, 16, 17, 18], [21], [31, 32, 33]]
+    got = retention(model, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path, completions=own)
+    prompts = [_prompt_ids(tok, ex) for ex in examples]
+
+    def jsd_of(i):
+        lp_base, lp_model = _slow_logprobs(base, prompts[i], own[i]), _slow_logprobs(model, prompts[i], own[i])
+        pb, pm = lp_base.exp(), lp_model.exp()
+        m = 0.5 * (pb + pm)
+        return float((0.5 * (pb * (pb / m).log()).sum(-1) + 0.5 * (pm * (pm / m).log()).sum(-1)).mean())
+
+    per_example = [jsd_of(i) for i in range(3)]
+    assert got["ret_jsd"] == pytest.approx(sum(per_example) / 3, rel=1e-3)
+    assert got["toy.ret_jsd"] == pytest.approx((per_example[0] + per_example[1]) / 2, rel=1e-3)
+    assert got["other.ret_jsd"] == pytest.approx(per_example[2], rel=1e-3)
+    assert got["toy.ppl_ret"] == pytest.approx(_slow_ppl(base, prompts[:2], own[:2]), rel=1e-4)
+    assert got["other.ppl_ret"] == pytest.approx(_slow_ppl(base, prompts[2:], own[2:]), rel=1e-4)
+    assert got["ppl_ret"] == pytest.approx(_slow_ppl(base, prompts, own), rel=1e-4)
+    assert "toy.ppl_ret_reverse" in got and "other.ppl_ret_reverse" in got
 
 
 def test_ppl_fit_shared_with_retention_equals_the_separate_pass(tiny_model_and_tokenizer, tmp_path):
@@ -191,3 +230,31 @@ def test_ppl_fit_shared_with_retention_equals_the_separate_pass(tiny_model_and_t
     assert shared["ppl_fit"] == pytest.approx(ppl_fit(model, tok, examples, batch_size=1), rel=1e-4)
     for key in ("ppl_ret", "ret_jsd", "ppl_ret_reverse"):
         assert shared[key] == pytest.approx(alone[key], rel=1e-4, abs=1e-7), key
+
+
+def test_base_prompt_forward_is_reused_across_trials_with_the_same_numbers(tiny_model_and_tokenizer, tmp_path):
+    """Quickstart time: the base model's prompt forward is computed once per process and reused by later
+    trials (same prompts, same base weights), with exactly the numbers a fresh computation gives."""
+    from harness.evaluation import retention as retention_mod
+
+    base, tok = tiny_model_and_tokenizer
+    examples = _examples()
+    one, other = _perturbed(base), _perturbed(base, 0.1)  # copied before the hook (deepcopy copies hooks)
+    widths: list[int] = []
+    hook = base.register_forward_pre_hook(
+        lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        first = retention(one, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path, batch_size=2)
+        prompt_width = min(len(_prompt_ids(tok, ex)) for ex in examples)
+        calls_first = sum(w >= prompt_width for w in widths)
+        widths.clear()
+        again = retention(other, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path, batch_size=2)
+        assert not any(w >= prompt_width for w in widths)  # no prompt forward of the base this time
+        assert calls_first > 0
+    finally:
+        hook.remove()
+    retention_mod._PREFILLS.clear()
+    fresh = retention(other, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path, batch_size=2)
+    assert again == fresh
+    assert first != again

@@ -99,19 +99,25 @@ VariantConfig = create_model(
 
 
 class TrainingConfig(_Strict):
-    """How one variant is trained. CPU-sized defaults; the study spec overrides them."""
+    """How one variant is trained. Defaults are the method contract's (unisd-method.md section 1) except
+    the CPU-sized ``grad_accum`` (1, contract 4) and ``max_completion_tokens`` (64, contract 2048); a GPU
+    study states every value it relies on."""
 
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; None: one pass (epochs)")
     epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(4, ge=1, description="per-device prompts per micro-batch")
-    grad_accum: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1, description="per-device prompts per micro-batch (the contract's 4)")
+    grad_accum: int = Field(
+        1, ge=1, description="micro-batches per optimizer step; CPU-sized default 1, the method contract's 4"
+    )
     learning_rate: float = Field(2e-5, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     max_prompt_tokens: int = Field(1024, ge=8)
-    max_completion_tokens: int = Field(64, ge=1)
+    max_completion_tokens: int = Field(
+        64, ge=1, description="CPU-sized default 64; the method contract's 2048 (short tasks need far less)"
+    )
     temperature: float = Field(0.7, gt=0, description="sampling temperature")
     loss_temperature: float | None = Field(None, gt=0, description="None: the sampling temperature")
     skip_first_tokens: int = Field(0, ge=0)

@@ -36,6 +36,7 @@ __all__ = [
     "INDUCTION_VERSION",
     "NEGATIVE_VERSION",
     "build_negatives",
+    "by_benchmark",
     "demonstration_context",
     "fewshot_contexts",
     "induce_instructions",
@@ -155,6 +156,19 @@ def fewshot_contexts(
         )
         for group in groups
     ]
+
+
+def by_benchmark(examples: Sequence[Any]) -> dict[str, list[int]]:
+    """Example indices grouped by ``benchmark`` (missing or "": one group), in first-seen order.
+
+    Agreement contexts are built within a group, so donors, retrieval neighbours and induced
+    instructions share the prompt's benchmark. (Negatives need no grouping: each is generated from its
+    own example.)
+    """
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(getattr(ex, "benchmark", "") or "", []).append(i)
+    return groups
 
 
 # ---- negative demonstrations (mechanism 2)

@@ -38,6 +38,7 @@ from unisd_components.chat import encode_prompt
 from unisd_components.config import TrainingConfig, VariantConfig
 from unisd_components.divergence import token_divergence
 from unisd_components.fused_loss import FusedScores, HeadWeights, fused_head_scores, head_weights
+from unisd_components.generation import sampling_kwargs, stated_decoding
 from unisd_components.losses import masked_sequence_means, sequence_weighted_mean, weighted_sequence_mean
 from unisd_components.registry import Component, StepScores
 from unisd_components.scoring import completion_hidden, completion_logps, pad_left, sampled_token_logps
@@ -133,14 +134,13 @@ def sample_completions(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        # Samples from p_theta at the temperature and nothing else (unisd-method.md section 5): whatever
+        # the checkpoint's generation_config ships (repetition penalty, n-gram blocking ...) stays out.
+        with torch.no_grad(), stated_decoding(model):
             out = model.generate(
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
+                **sampling_kwargs(temperature),
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad_id,
                 eos_token_id=list(eos_ids),

@@ -38,13 +38,25 @@ class TeacherWeights:
 
     def __init__(self, student: nn.Module) -> None:
         self.module = copy.deepcopy(student).eval().requires_grad_(False)
+        self._master: nn.Module | None = None  # fp32 EMA accumulator of a bf16/fp16 teacher
 
     @contextmanager
     def active(self) -> Iterator[nn.Module]:
         yield self.module
 
     def ema_update(self, student: nn.Module, beta: float) -> int:
-        return ema_update_(self.module, student, beta)
+        low = any(p.dtype in (torch.bfloat16, torch.float16) for p in self.module.parameters())
+        if not low:
+            return ema_update_(self.module, student, beta)
+        # In bf16 the step (1-beta)(theta-phi) mostly falls below the teacher weight's rounding step and
+        # the teacher never moves: accumulate in fp32, then round into the teacher.
+        if self._master is None:
+            self._master = copy.deepcopy(self.module).float()
+        updated = ema_update_(self._master, student, beta)
+        with torch.no_grad():
+            for phi, master in zip(self.module.parameters(), self._master.parameters(), strict=True):
+                phi.copy_(master)
+        return updated
 
     def parameters(self) -> list[torch.Tensor]:
         """The teacher's own tensors (for tests: a frozen teacher's never change)."""

@@ -51,7 +51,11 @@ Callback = Callable[[int, dict[str, float]], None]
 
 @dataclass
 class TrainingExample:
-    """One training prompt with its gold demonstration (``kind``/``choices``/``answer`` shape negatives)."""
+    """One training prompt with its gold demonstration (``kind``/``choices``/``answer`` shape negatives).
+
+    ``benchmark`` groups examples: agreement donors, retrieval neighbours and induced instructions come
+    from the prompt's own benchmark ("" for every example: one group).
+    """
 
     id: str
     messages: list[dict]
@@ -59,6 +63,7 @@ class TrainingExample:
     kind: str = "text"
     choices: tuple[str, ...] = ()
     answer: str = ""
+    benchmark: str = ""
 
 
 @dataclass
@@ -156,11 +161,17 @@ def _train(
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameter (frozen model, or LoRA without adapters?)")
-        optimizer = _adamw(params, training)
+        masters = _MasterWeights(params)  # fp32 copies of bf16/fp16 trainable weights (none otherwise)
+        optimizer = _adamw(masters.params, training)
         micro_per_epoch = math.ceil(len(examples) / (training.batch_size * processes))
         total_steps = training.max_steps or max(
             1, math.ceil(training.epochs * micro_per_epoch / training.grad_accum)
         )
+        if variant.ema is not None and variant.ema.sync_steps > total_steps:
+            raise ValueError(
+                f"EMA sync_steps {variant.ema.sync_steps} > the {total_steps} optimizer steps of this run: "
+                "the teacher would never sync and the variant would train without EMA; lower sync_steps"
+            )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(training, total_steps))
         runner = StepRunner(
             model, tokenizer, variant, training, components, teacher, base, timer, training.seed, engine
@@ -190,7 +201,9 @@ def _train(
             row["generated_tokens"] = sums.get("generated_tokens", 0.0)
             with timer.phase("optimizer"):
                 distributed.all_reduce_gradients_(params)
-                row.update(_optimizer_step(model, params, optimizer, scheduler, training, step))
+                masters.gradients_to_masters()
+                row.update(_optimizer_step(model, masters.params, optimizer, scheduler, training, step))
+                masters.masters_to_model()
                 for component in components:
                     row.update(component.after_optimizer_step(step, model, teacher))
             for phase, seconds in timer.seconds.items():
@@ -270,6 +283,40 @@ def _optimizer_step(
     if not torch.isfinite(torch.stack(norms)).all():
         raise NonFiniteLossError(step, "parameters (after the optimizer step)")
     return {"lr": float(lr), "grad_norm": float(grad_norm)}
+
+
+class _MasterWeights:
+    """fp32 master copies of the trainable weights held in bf16/fp16 (full fine-tuning in low precision).
+
+    Why: at lr 2e-5 most AdamW updates are smaller than bf16's rounding step of the weight they update,
+    so stepping bf16 weights directly leaves most of them unchanged. The optimizer steps the fp32
+    masters; the model gets them rounded after every step. fp32 weights (LoRA adapters, fp32 models)
+    are stepped in place: ``params`` is then the model's own list and both copies are no-ops.
+    """
+
+    _LOW = (torch.bfloat16, torch.float16)
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.model_params = params
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.params: list[torch.Tensor] = []
+        for p in params:
+            if p.dtype in self._LOW:
+                master = p.detach().float().clone()
+                self.pairs.append((p, master))
+                self.params.append(master)
+            else:
+                self.params.append(p)
+
+    def gradients_to_masters(self) -> None:
+        for p, master in self.pairs:
+            master.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def masters_to_model(self) -> None:
+        for p, master in self.pairs:
+            p.copy_(master)
 
 
 def _adamw(params: list[torch.Tensor], training: TrainingConfig) -> torch.optim.Optimizer:

@@ -59,4 +59,5 @@ class Example:
             kind=self.kind,
             choices=tuple(self.choices),
             answer=self.answer,
+            benchmark=self.benchmark,
         )

@@ -18,9 +18,12 @@ Why these choices (integration-notes.md, lm-eval section):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import random
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ from harness.errors import HarnessError
 from harness.evaluation.quiet_git import silence_lm_eval_git
 from harness.jsonable import jsonable
 from harness.metric_names import normalise_metric_name
+from unisd_components.generation import stated_decoding
 
 __all__ = [
     "SCORINGS",
@@ -182,6 +186,95 @@ def _generated_completions(
     return [by_id[ex.id] for ex in examples]
 
 
+def _base_completions(
+    model, base_model, tokenizer, benchmarks, examples, own, cache_dir: Path | None, settings: dict
+) -> list[list[int]]:
+    """The base model's completions for ``ppl_ret_reverse``, with one definition whatever the trial order:
+    the base model's own lm-eval completions (the same rule as the evaluated model's, re-tokenized).
+
+    Read from ``cache_dir`` (one JSON file per base model, benchmark, prompt version and settings); what
+    is missing comes from this evaluation when it evaluates the base model itself (no second pass), else
+    from an lm-eval evaluation of the base model with the same settings.
+    """
+    from harness.evaluation.retention import model_fingerprint
+
+    def from_base_evaluation() -> list[list[int]]:
+        if model is base_model:
+            return [list(c) for c in own]
+        with tempfile.TemporaryDirectory(prefix="unisd-base-eval-") as tmp:
+            result = evaluate_model(
+                base_model, tokenizer, benchmarks, output_dir=Path(tmp), ppl_fit=False, retention=False,
+                **settings,
+            )  # fmt: skip
+            texts = _texts_by_id(result.samples_path, examples)
+        return [tokenizer(texts[ex.id], add_special_tokens=False)["input_ids"] for ex in examples]
+
+    if cache_dir is None:
+        return from_base_evaluation()
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = model_fingerprint(base_model)
+    tag = f"n{settings['max_gen_tokens']}-b{settings['batch_size']}-{settings['scoring']}"
+
+    def path_of(ex) -> Path:
+        version = ex.metadata.get("prompt_version", 0)
+        return cache_dir / f"base-lm-eval-completions-{fingerprint}-{ex.benchmark}-v{version}-{tag}.json"
+
+    files = {path: json.loads(path.read_text()) if path.is_file() else {} for path in map(path_of, examples)}
+    if any(ex.id not in files[path_of(ex)] for ex in examples):
+        fresh = from_base_evaluation()
+        for ex, tokens in zip(examples, fresh, strict=True):
+            files[path_of(ex)].setdefault(ex.id, tokens)
+        for path, entries in files.items():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(entries))
+            tmp.replace(path)  # atomic: a concurrent reader sees the old or the new file, never half
+    return [files[path_of(ex)][ex.id] for ex in examples]
+
+
+def _texts_by_id(samples_path: Path | None, examples) -> dict[str, str]:
+    """Completions from an evaluation's ``samples.jsonl``, as :func:`_generated_completions` reads them."""
+    from harness.evaluation.tasks._common import CODE_PREFIX
+
+    kinds = {ex.id: ex.kind for ex in examples}
+    texts: dict[str, str] = {}
+    if samples_path is not None:
+        for line in samples_path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row["id"] in kinds:
+                texts[row["id"]] = (CODE_PREFIX if kinds[row["id"]] == "code" else "") + row["response"][0][0]
+    missing = [ex.id for ex in examples if ex.id not in texts]
+    if missing:
+        raise RuntimeError(f"the base model's evaluation produced no completion for {missing[:3]}")
+    return texts
+
+
+def _preserving_rng(function):
+    """Run ``function`` without touching the caller's random streams (Python, NumPy, torch CPU/CUDA).
+
+    lm-eval seeds every global generator with the evaluation seed; a dev evaluation in the middle of
+    training would otherwise re-seed the trial's sampling (issue 11 item 6), so a pruned run would train
+    differently from an unpruned one.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        import numpy as np
+        import torch
+
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                return function(*args, **kwargs)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+    return wrapper
+
+
+@_preserving_rng
 def evaluate_model(
     model,
     tokenizer,
@@ -216,7 +309,8 @@ def evaluate_model(
             texts; multiple-choice benchmarks only, the others stay generative).
         max_gen_tokens: Generation budget of every generative task and of retention's completions.
         base_model: The untrained model; when given (and ``retention``), adds ``ppl_ret``, ``ret_jsd``
-            and ``ppl_ret_reverse`` (base completions cached in ``cache_dir``). The evaluated model's
+            and ``ppl_ret_reverse``, pooled and per benchmark (``<bench>.ppl_ret`` ...; base completions
+            generated greedily once and cached in ``cache_dir``). The evaluated model's
             greedy completions are the ones lm-eval just generated (re-tokenized text, cut at the task's
             stop sequences), not a second generation pass; log-likelihood scoring generates them.
         ppl_fit: Add ``ppl_fit`` (gold-demonstration perplexity, token-weighted over all benchmarks).
@@ -225,7 +319,8 @@ def evaluate_model(
             tasks, prompts and greedy rule; see :mod:`harness.evaluation.vllm_lm`). PPL fit and retention
             stay forward passes of ``model``. None: lm-eval's ``HFLM`` on ``model``.
 
-    lm-eval seeds Python's, NumPy's and torch's global generators with ``seed`` on the way in.
+    lm-eval seeds Python's, NumPy's and torch's global generators with ``seed`` on the way in; their
+    states are restored on the way out, so evaluating never changes the caller's random streams.
 
     Returns:
         :class:`EvalResult` with metrics named ``<benchmark>.acc`` / ``<benchmark>.pass_at_1``,
@@ -272,20 +367,21 @@ def evaluate_model(
     )
     chat = bool(getattr(tokenizer, "chat_template", None))
     silence_lm_eval_git()  # no "fatal: not a git repository" outside a checkout
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        task_manager=task_manager,
-        log_samples=True,
-        use_cache=str(output_dir / "lm_eval_cache" / "responses"),
-        apply_chat_template=chat,
-        gen_kwargs={"max_gen_toks": max_gen_tokens, "do_sample": False},
-        bootstrap_iters=0,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    with stated_decoding(model):  # greedy under one stated rule: no generation_config option leaks in
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            task_manager=task_manager,
+            log_samples=True,
+            use_cache=str(output_dir / "lm_eval_cache" / "responses"),
+            apply_chat_template=chat,
+            gen_kwargs={"max_gen_toks": max_gen_tokens, "do_sample": False},
+            bootstrap_iters=0,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     if engine is not None:
         engine.sleep()  # CUDA: retention, PPL fit and the next training get the engine's memory back
     metrics = normalise_metrics(results["results"], tasks)
@@ -311,6 +407,15 @@ def evaluate_model(
                 if texts is not None
                 else None
             )
+            base_completions = None
+            if completions is not None:
+                settings = dict(
+                    split=split, limit=limit, batch_size=batch_size, data_dir=data_dir, seed=seed,
+                    scoring=scoring, max_gen_tokens=max_gen_tokens,
+                )  # fmt: skip
+                base_completions = _base_completions(
+                    model, base_model, tokenizer, benchmarks, examples, completions, cache_dir, settings
+                )
             metrics.update(
                 retention_mod.retention(
                     model,
@@ -322,6 +427,7 @@ def evaluate_model(
                     batch_size=batch_size,
                     completions=completions,
                     with_ppl_fit=ppl_fit,  # the gold demonstrations share the prompts' forward pass
+                    base_completions=base_completions,
                 )
             )
     seconds = time.perf_counter() - start

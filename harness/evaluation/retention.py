@@ -9,10 +9,14 @@ example's chat messages rendered with the tokenizer's chat template and a genera
   ``ppl_i = exp(-mean_t log p_base(y_t | x, y_<t))``; ``ppl_ret`` is the mean of ``ppl_i`` over prompts
   (PROMPT-WEIGHTED, as the reference code computes it). Lower: the model still speaks like its base.
 - ``ret_jsd``: Jensen-Shannon divergence (nats, at most ln 2) between the base and the evaluated model's
-  full next-token distributions at every position of those completions, mean over all tokens.
+  full next-token distributions at every position of those completions: mean over an example's tokens,
+  then over examples (as the reference computes it).
 - ``ppl_ret_reverse``: the base model's greedy completions scored by the evaluated model, same averaging
   as ``ppl_ret``. The base completions are generated once per (base model, benchmark, prompt version,
-  max_new_tokens) and cached as JSON in ``cache_dir``, so the variants of a study share them.
+  max_new_tokens) by :func:`greedy_completions` (whichever trial gets there first) and cached as JSON in
+  ``cache_dir``, so the variants of a study share them.
+- Each is also reported per benchmark (``<bench>.ppl_ret``, ``<bench>.ret_jsd``,
+  ``<bench>.ppl_ret_reverse``), besides the pooled value over every prompt.
 
 Completions end at the first end-of-sequence token (excluded) and are scored as the generated token ids,
 never re-tokenized. Empty completions are skipped (no tokens to score). Everything runs batched, under
@@ -25,6 +29,7 @@ import copy
 import hashlib
 import inspect
 import math
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,7 @@ from transformers import LlamaForCausalLM
 
 from unisd_components.cache import read_json, write_json_atomic
 from unisd_components.chat import encode_prompt, render_prompt
+from unisd_components.generation import greedy_kwargs, stated_decoding
 
 __all__ = ["greedy_completions", "ppl_fit", "render_prompt", "retention", "score_completions"]
 
@@ -79,11 +85,44 @@ _CACHE_KWARG = (
 )
 
 
+# The base model's prompt forward (last-position logits and KV cache) per batch of prompts, kept for the
+# process's later trials: every trial scores its completions under the same base model after the same
+# prompts, and on a CPU the prompts are most of that cost. Keyed by the model object (weakly) and a
+# fingerprint of its weights, within a memory budget (large models and sets simply recompute).
+_PREFILLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PREFILL_BUDGET_BYTES = 1 << 30
+
+
+def _cache_bytes(cache) -> int | None:
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    total = 0
+    for layer in layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if not isinstance(tensor, torch.Tensor):
+                return None
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _keep_prefill(model, key, first: torch.Tensor, cache) -> None:
+    size = _cache_bytes(cache)
+    if size is None:
+        return
+    kept = _PREFILLS.setdefault(model, {})
+    used = sum(int(f.numel() * f.element_size()) + b for f, _, b in kept.values())
+    if used + size + first.numel() * first.element_size() <= _PREFILL_BUDGET_BYTES:
+        kept[key] = (first, copy.deepcopy(cache), size)
+
+
 def _completion_logprobs(
     model,
     prompts: Sequence[Sequence[int]],
     completion_sets: Sequence[Sequence[Sequence[int]]],
     pad_id: int,
+    reuse_prefill: str | None = None,
 ) -> list[list[torch.Tensor]]:
     """Full-vocabulary fp32 log-probabilities at each completion token's prediction position.
 
@@ -92,12 +131,22 @@ def _completion_logprobs(
     set (on a CPU the prompt is most of the cost). The last prompt position predicts each completion's
     first token; a set's continuation pass (right-padded, positions continuing each row's real length)
     predicts the rest, so logits are computed only where completion tokens are predicted.
-    Returns, per set, one ``[len(completion), vocab]`` tensor per row.
+    Returns, per set, one ``[len(completion), vocab]`` tensor per row. ``reuse_prefill``: a fingerprint
+    of ``model``'s weights; the prompts' forward is then kept and reused by later calls (the base model).
     """
     ids, mask, positions = _left_padded(prompts, pad_id, _device(model))
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    first = out.logits[:, -1, :].float()  # predicts token 0 of every completion
-    cache = out.past_key_values
+    key = (reuse_prefill, pad_id, tuple(tuple(p) for p in prompts)) if reuse_prefill else None
+    kept = _PREFILLS.get(model, {}).get(key) if key is not None else None
+    if kept is not None:
+        first, cache = kept[0], copy.deepcopy(kept[1])
+    else:
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        first = out.logits[:, -1, :].float()  # predicts token 0 of every completion
+        cache = out.past_key_values
+        if key is not None:
+            _keep_prefill(model, key, first, cache)
     lengths = mask.sum(-1, keepdim=True)
     results: list[list[torch.Tensor]] = []
     for index, completions in enumerate(completion_sets):
@@ -197,16 +246,14 @@ def greedy_completions(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for batch in _batches(order, batch_size):
         ids, mask, _ = _left_padded([prompts[i] for i in batch], pad_id, _device(model))
-        generated = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=pad_id,
-        )
+        with stated_decoding(model):  # greedy under one stated rule, whatever the model ships
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                **greedy_kwargs(),
+                pad_token_id=pad_id,
+            )
         for k, row in enumerate(batch):
             tokens = generated[k, ids.shape[1] :].tolist()
             cut = next((j for j, t in enumerate(tokens) if t in eos), len(tokens))
@@ -264,15 +311,9 @@ def _cached_base_completions(
     max_new_tokens: int,
     batch_size: int,
     cache_dir: Path | None,
-    known: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
-    """Base greedy completions, read from / added to one JSON file per (base model, benchmark).
-
-    ``known``: the base model's own greedy completions when the caller has them (evaluating the base
-    model itself): they fill the cache instead of a second generation pass.
-    """
-    if cache_dir is None and known is not None:
-        return [list(c) for c in known]
+    """Base greedy completions (:func:`greedy_completions`, the only producer), read from / added to one
+    JSON file per (base model, benchmark)."""
     if cache_dir is None:
         return greedy_completions(
             base_model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
@@ -291,16 +332,12 @@ def _cached_base_completions(
             result[i] = by_file[path][ex.id]
     missing = [i for i, r in enumerate(result) if r is None]
     if missing:
-        fresh = (
-            [known[i] for i in missing]
-            if known is not None
-            else greedy_completions(
-                base_model,
-                tokenizer,
-                [prompts[i] for i in missing],
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-            )
+        fresh = greedy_completions(
+            base_model,
+            tokenizer,
+            [prompts[i] for i in missing],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
         )
         touched = set()
         for i, tokens in zip(missing, fresh, strict=True):
@@ -328,12 +365,19 @@ def _scores_by_set(
     model_lp = [[torch.zeros(0)] * n_rows for _ in sets]
     base_lp, jsd = [torch.zeros(0)] * n_rows, [torch.zeros(0)] * n_rows
     order = sorted(range(n_rows), key=lambda i: len(prompts[i]))
+    base_fingerprint = None if model is base_model else model_fingerprint(base_model)
     for batch in _batches(order, batch_size):
         batch_prompts = [prompts[i] for i in batch]
         batch_sets = [[s[i] for i in batch] for s in sets]
         ours = _completion_logprobs(model, batch_prompts, batch_sets, pad_id)
         same = model is base_model
-        base = ours[0] if same else _completion_logprobs(base_model, batch_prompts, batch_sets[:1], pad_id)[0]
+        base = (
+            ours[0]
+            if same
+            else _completion_logprobs(
+                base_model, batch_prompts, batch_sets[:1], pad_id, reuse_prefill=base_fingerprint
+            )[0]
+        )
         for k, row in enumerate(batch):
             for index, completions in enumerate(batch_sets):
                 target = torch.tensor(list(completions[k]), dtype=torch.long, device=ours[index][k].device)
@@ -357,6 +401,7 @@ def retention(
     batch_size: int = 8,
     completions: Sequence[Sequence[int]] | None = None,
     with_ppl_fit: bool = False,
+    base_completions: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, float]:
     """``{"ppl_ret", "ret_jsd", "ppl_ret_reverse"}`` of ``model`` against ``base_model`` on ``examples``
     (plus ``ppl_fit`` with ``with_ppl_fit``: the gold demonstrations share the prompts' forward pass).
@@ -364,8 +409,14 @@ def retention(
     Both models must share ``tokenizer`` (and its vocabulary). ``completions``: the evaluated model's
     greedy completions as token ids, when the caller already has them (saves one generation pass);
     otherwise they are generated here. Prompts whose completion is empty are left out of the means.
-    Evaluating the base model against itself scores once, and its completions seed the base-completion
-    cache that every later variant's reverse direction reads.
+
+    ``base_completions``: the base model's completions for the reverse direction, when the caller owns
+    their definition (:func:`harness.evaluation.evaluate_model`: the base model's own lm-eval completions).
+    Otherwise they have one producer, whatever the order in which trials run: :func:`greedy_completions`
+    of the base model (token ids up to EOS), cached per base model in ``cache_dir``.
+
+    Per benchmark (``ex.benchmark``) as well as pooled: ``<bench>.ppl_ret``, ``<bench>.ret_jsd``,
+    ``<bench>.ppl_ret_reverse``. ``ret_jsd`` is the mean over an example's tokens, then over examples.
     """
     if not examples:
         raise ValueError("retention needs at least one example")
@@ -374,29 +425,30 @@ def retention(
         completions = greedy_completions(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
         )
-    same = model is base_model
-    base_completions = _cached_base_completions(
-        base_model,
-        tokenizer,
-        examples,
-        prompts,
-        max_new_tokens,
-        batch_size,
-        cache_dir,
-        known=completions if same else None,
-    )
-    sets: list[Sequence[Sequence[int]]] = [completions] + ([] if same else [base_completions])
+    if base_completions is None:
+        base_completions = _cached_base_completions(
+            base_model, tokenizer, examples, prompts, max_new_tokens, batch_size, cache_dir
+        )
+    sets: list[Sequence[Sequence[int]]] = [completions, base_completions]
     if with_ppl_fit:
         sets.append(_gold_ids(tokenizer, examples))
     model_lp, base_lp, jsd = _scores_by_set(model, base_model, tokenizer, prompts, sets, batch_size)
-    forward_ppl = _per_prompt_ppl(base_lp)
-    reverse_ppl = _per_prompt_ppl(model_lp[0] if same else model_lp[1])
-    jsd_tokens = [t for t in jsd if t.numel() > 0]
-    metrics = {
-        "ppl_ret": sum(forward_ppl) / len(forward_ppl) if forward_ppl else float("nan"),
-        "ret_jsd": float(torch.cat(jsd_tokens).mean()) if jsd_tokens else float("nan"),
-        "ppl_ret_reverse": sum(reverse_ppl) / len(reverse_ppl) if reverse_ppl else float("nan"),
-    }
+    groups: dict[str, list[int]] = {"": list(range(len(examples)))}
+    benchmarks = sorted({getattr(ex, "benchmark", "") for ex in examples} - {""})
+    for bench in benchmarks:
+        groups[f"{bench}."] = [i for i, ex in enumerate(examples) if getattr(ex, "benchmark", "") == bench]
+    metrics: dict[str, float] = {}
+    for prefix, rows in groups.items():
+        forward_ppl = _per_prompt_ppl([base_lp[i] for i in rows])
+        reverse_ppl = _per_prompt_ppl([model_lp[1][i] for i in rows])
+        jsd_means = [float(jsd[i].mean()) for i in rows if jsd[i].numel() > 0]
+        metrics[f"{prefix}ppl_ret"] = _mean(forward_ppl)
+        metrics[f"{prefix}ret_jsd"] = _mean(jsd_means)
+        metrics[f"{prefix}ppl_ret_reverse"] = _mean(reverse_ppl)
     if with_ppl_fit:
         metrics["ppl_fit"] = _token_weighted_ppl(model_lp[-1])
     return metrics
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

@@ -48,28 +48,36 @@ class AgreementComponent(Component):
 
         cfg = self.config
         embeddings: np.ndarray | None = None
-        instructions: list[str] | None = None
         if cfg.strategy == "retrieval":
             from unisd_components.embeddings import example_embeddings
 
-            embeddings = example_embeddings(ctx.examples, ctx.cache_dir)
-        elif cfg.strategy == "induction":
-            instructions = contexts.induce_instructions(
-                ctx.model, ctx.tokenizer, ctx.examples, cfg.k, ctx.cache_dir, ctx.model_id, seed=ctx.seed
-            )
-        self._contexts = {
-            ex.id: contexts.fewshot_contexts(
-                i,
-                ctx.examples,
-                cfg.k,
-                cfg.strategy,
-                ctx.seed,
-                n_shots=cfg.n_shots,
-                embeddings=embeddings,
-                instructions=instructions,
-            )
-            for i, ex in enumerate(ctx.examples)
-        }
+            embeddings = example_embeddings(ctx.examples, ctx.cache_dir)  # once; rows sliced per benchmark
+        self._contexts = {}
+        # Donors, neighbours and induced instructions come from the prompt's own benchmark: a ScienceQA
+        # question never gets an MBPP donor when several benchmarks train one model.
+        for benchmark, rows in contexts.by_benchmark(ctx.examples).items():
+            members = [ctx.examples[i] for i in rows]
+            if cfg.strategy != "induction" and len(members) < 2:
+                raise ValueError(
+                    f"agreement donors come from the prompt's own benchmark, and {benchmark!r} has only "
+                    "one training example"
+                )
+            instructions: list[str] | None = None
+            if cfg.strategy == "induction":
+                instructions = contexts.induce_instructions(
+                    ctx.model, ctx.tokenizer, members, cfg.k, ctx.cache_dir, ctx.model_id, seed=ctx.seed
+                )
+            for i, ex in enumerate(members):
+                self._contexts[ex.id] = contexts.fewshot_contexts(
+                    i,
+                    members,
+                    cfg.k,
+                    cfg.strategy,
+                    ctx.seed,
+                    n_shots=cfg.n_shots,
+                    embeddings=None if embeddings is None else embeddings[rows],
+                    instructions=instructions,
+                )
 
     def extra_contexts(self, examples: Sequence[Any]) -> ExtraContexts:
         per_example = [self._contexts[ex.id] for ex in examples]
