@@ -53,6 +53,14 @@ optimizer is +0.04 s, the check that no weight went non-finite after the update.
 figures (1.11 and 1.51, one warm-up step, 2 timed steps) were noise from the second step's page faults;
 these replace them.
 
+``--fused-vs-unfused [--methods sdft unisd_star]`` times ``training.fused_loss`` true against false instead
+(target: fused no more than 5% slower). Not measured yet: on 2026-12-01 the shared box ran at load 20-40
+and the run could not finish in the session. What was measured then, in CPU seconds (``time.process_time``,
+less sensitive to that load than wall time) of the loss alone at this benchmark's shapes (B=4, T=64,
+H=576, V=49,152, forward KL, head gradient on): fused 9.28 s against unfused 8.92 s, 1.04x, medians of
+two interleaved pairs (the logits are not recomputed here: 256 positions fit one chunk, which the forward
+keeps for the backward).
+
 Run: ``python benchmarks/step_time.py [--steps 4] [--rounds 2] [--warmup 2] [--model bundled:smollm2-135m-instruct]``
 (needs the bench extra: ``pip install trl``). Takes several minutes on a laptop CPU.
 """
