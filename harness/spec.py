@@ -80,8 +80,8 @@ _BENCHMARK_RECORDS = freeze_benchmarks("harness.spec (the benchmark literal)")
 BENCHMARKS: tuple[str, ...] = tuple(_BENCHMARK_RECORDS)
 EVAL_ONLY_BENCHMARKS: frozenset[str] = frozenset(n for n, b in _BENCHMARK_RECORDS.items() if not b.trainable)
 CODE_BENCHMARKS: frozenset[str] = frozenset(n for n, b in _BENCHMARK_RECORDS.items() if b.kind == "code")
-# The paper's transfer cells: the ScienceQA model is also scored on GPQA, the MBPP model on HumanEval.
-DEFAULT_TRANSFER: dict[str, tuple[str, ...]] = {"scienceqa": ("gpqa",), "mbpp": ("humaneval",)}
+# The transfer cells each benchmark record declares (the paper's: scienceqa -> gpqa, mbpp -> humaneval).
+DEFAULT_TRANSFER: dict[str, tuple[str, ...]] = {n: b.transfer for n, b in _BENCHMARK_RECORDS.items() if b.transfer}
 BASELINES: tuple[str, ...] = ("base", "sft", "sdft", "gkd")
 COMPONENT_CONFIGS: dict[str, type[BaseModel]] = {name: m.config for name, m in mechanisms().items()}
 # The presets of unisd_components.presets and the components they enable (unisd-method.md section 2).

@@ -59,3 +59,13 @@ def test_a_registration_after_the_spec_was_built_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="register it before importing harness.spec"):
         register_benchmark(_module(), task_dir=tmp_path)
     assert "fake_bench" not in BENCHMARKS
+
+
+def test_transfer_partners_live_in_the_records_and_are_the_spec_default():
+    from harness.spec import DEFAULT_TRANSFER
+
+    assert BENCHMARKS["scienceqa"].transfer == ("gpqa",) and BENCHMARKS["mbpp"].transfer == ("humaneval",)
+    assert DEFAULT_TRANSFER == {n: b.transfer for n, b in BENCHMARKS.items() if b.transfer}
+    assert DEFAULT_TRANSFER == {"scienceqa": ("gpqa",), "mbpp": ("humaneval",)}
+    with pytest.raises(ValueError, match="TRANSFER needs a training split"):
+        register_benchmark(_module(SPLITS=("test",), SIZES={"test": 5}, TRANSFER=("gpqa",)))

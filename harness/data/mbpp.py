@@ -21,6 +21,7 @@ SPLITS = ("train", "validation", "test")
 HUB_ID = "google-research-datasets/mbpp"
 HUB_CONFIG = "sanitized"
 PROMPT_VERSION = 1
+TRANSFER = ("humaneval",)  # the paper's transfer cell: the MBPP model is also scored on HumanEval
 SIZES = {"train": 120, "test": 257}  # approximate split sizes (hub versions), for the plan's estimates
 
 TASK_ID_RANGES = {"test": (11, 510), "validation": (511, 600), "train": (601, 974)}

@@ -52,7 +52,9 @@ class Benchmark:
     caches of generations or scores must include it in their key. ``sizes``: approximate examples per
     split (hub versions), for the plan's estimates. ``tasks``: scoring -> lm-eval task name (a
     multiple-choice benchmark may have a log-likelihood task; the others score generatively whatever the
-    scoring asked). ``task_dir``: the folder holding those task YAMLs.
+    scoring asked). ``task_dir``: the folder holding those task YAMLs. ``transfer``: the evaluation-only
+    benchmarks a model trained on this one is also scored on under the per-task protocol (module attribute
+    ``TRANSFER``; the paper's pairs: scienceqa -> gpqa, mbpp -> humaneval).
     """
 
     name: str
@@ -64,6 +66,7 @@ class Benchmark:
     sizes: Mapping[str, int] = field(default_factory=dict, repr=False, compare=False)
     tasks: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     task_dir: Path | None = field(default=None, repr=False, compare=False)
+    transfer: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def metric(self) -> str:
@@ -95,6 +98,9 @@ def _record(module: ModuleType, task_dir: Path | None) -> Benchmark:
     splits = tuple(module.SPLITS)
     if "test" not in splits or any(s not in SPLITS for s in splits):
         raise ValueError(f"benchmark {name}: SPLITS must include 'test' and use {SPLITS} (got {splits})")
+    transfer = tuple(getattr(module, "TRANSFER", ()))
+    if transfer and "train" not in splits:
+        raise ValueError(f"benchmark {name}: TRANSFER needs a training split (a model trained on {name})")
     folder = Path(task_dir) if task_dir is not None else TASKS_DIR / name
     tasks = {"generative": f"unisd_{name}"}
     if kind == "multiple_choice" and (folder / f"unisd_{name}_ll.yaml").is_file():
@@ -107,7 +113,7 @@ def _record(module: ModuleType, task_dir: Path | None) -> Benchmark:
         raise ValueError(f"benchmark {name}: SIZES needs estimates for {missing} (the plan's cost model)")
     return Benchmark(
         name, kind, splits, module.HUB_ID, module.PROMPT_VERSION, module, MappingProxyType(sizes),
-        MappingProxyType(tasks), folder,
+        MappingProxyType(tasks), folder, transfer,
     )  # fmt: skip
 
 

@@ -21,6 +21,7 @@ SPLITS = ("train", "validation", "test")
 HUB_ID = "derek-thomas/ScienceQA"
 HUB_CONFIG = None
 PROMPT_VERSION = 1
+TRANSFER = ("gpqa",)  # the paper's transfer cell: the ScienceQA model is also scored on GPQA
 SIZES = {"train": 12726, "test": 4241}  # approximate split sizes (hub versions), for the plan's estimates
 
 _LOCAL_SPLIT = {"train": "train", "validation": "val", "test": "test"}
