@@ -329,38 +329,49 @@ def check_ema_syncs(spec: StudySpec) -> None:
     """Refuse an EMA sync period longer than the optimizer steps a variant will take (issue 11 item 5):
     its teacher would never move and the variant would train as the one without EMA. The step count
     needs the training set's size, which the plan knows and the spec's validation does not: ``harness
-    validate`` and ``harness run`` call it (the trainer refuses the same at its first step). Checked on
-    the smallest training cell (per task: the smallest task) and each model's own batch."""
+    validate`` and ``harness run`` call it (the trainer refuses the same at its first step). A grid is
+    checked point by point (each training cell's size, each point's own batch: a model's batch, a
+    preset's); a search at the largest period its space allows, on the pooled training set."""
     from harness.axes import cell_spec
 
-    n_examples = min(
-        _train_examples(cell_spec(spec, _Coordinates(spec.models()[0].label, task))) for task in spec.train_tasks()
-    )
-    searching = spec.search.sampler != "grid"
+    def refuse(sync: int, steps: int, name: str, n_examples: int, tr: Any, where_in: str) -> None:
+        where = f"{spec.source}: " if spec.source else ""
+        raise SpecError(
+            f"{where}method.ema.sync_steps: {sync} is more than the {steps} optimizer steps {name}{where_in} "
+            f"takes ({n_examples} examples, batch {tr.batch_size} x grad_accum {tr.grad_accum}, "
+            f"{tr.epochs} epoch(s)): its EMA teacher would never sync; lower it"
+        )
+
+    if spec.search.sampler == "grid":
+        sizes: dict[tuple[str | None, str | None], int] = {}
+        for point in grid_points(spec):
+            variant = point.variant
+            if variant is None or variant.ema is None:
+                continue
+            cell = (point.model, point.train_task)
+            if cell not in sizes:
+                sizes[cell] = _train_examples(cell_spec(spec, point))
+            steps = planned_steps(point.training, sizes[cell])
+            if variant.ema.sync_steps > steps:
+                where_in = f" on {point.train_task}" if point.train_task else ""
+                refuse(variant.ema.sync_steps, steps, point.name, sizes[cell], point.training, where_in)
+        return
+    n_examples = _train_examples(spec)
     for kind in _kinds(spec):
         if "ema" not in kind.components:
             continue
-        for values, _ in _expand(kind, spec, fixed=searching):
+        for values, _ in _expand(kind, spec, fixed=True):
             point = _build(kind, values, spec.seeds[0], {})
-            sync = _raw_params(kind, spec)[0]["ema.sync_steps"] if searching else values["ema.sync_steps"]
+            sync = _raw_params(kind, spec)[0]["ema.sync_steps"]
             if isinstance(sync, IntSpace):
                 largest = sync.high
             elif isinstance(sync, ChoiceSpace):
                 largest = max(int(c) for c in sync.choices)  # type: ignore[arg-type]
             else:
                 largest = sync
-            for model in spec.models():
-                tr = point.training
-                if model.batch_size is not None:
-                    tr = tr.model_copy(update={"batch_size": model.batch_size})
-                steps = planned_steps(tr, n_examples)
-                if largest > steps:
-                    where = f"{spec.source}: " if spec.source else ""
-                    raise SpecError(
-                        f"{where}method.ema.sync_steps: {largest} is more than the {steps} optimizer steps "
-                        f"{kind.name} takes ({n_examples} examples, batch {tr.batch_size} x grad_accum "
-                        f"{tr.grad_accum}, {tr.epochs} epoch(s)): its EMA teacher would never sync; lower it"
-                    )
+            steps = planned_steps(point.training, n_examples)
+            if largest > steps:
+                refuse(largest, steps, kind.name, n_examples, point.training, "")
 
 
 def suggest_point(trial: optuna.Trial, spec: StudySpec) -> TrialPoint:
