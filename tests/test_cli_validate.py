@@ -378,8 +378,8 @@ AXES = VALID.replace(
             "per_task: each trial scores only its own cell",
         ),
         (
-            "    beta: 0.5",
-            "    beta: 0.5\n  preset_overrides: {unisd_star: {ema: {beta: 0.8}}}",
+            "    {beta: 0.5, sync_steps: 1}",
+            "    {beta: 0.5, sync_steps: 1}\n  preset_overrides: {unisd_star: {ema: {beta: 0.8}}}",
             "method.preset_overrides.unisd_star: unisd_star is not in method.presets",
         ),
     ],

@@ -117,19 +117,20 @@ def test_finding1_a_corrupt_cached_array_is_recomputed(tmp_path, caplog):
 def test_finding1_corrupt_base_completions_are_generated_again(tmp_path, tiny_model_and_tokenizer, caplog):
     from types import SimpleNamespace
 
-    from harness.evaluation.retention import _cached_base_completions, model_fingerprint
+    from harness.evaluation.retention import _cached_base_completions, greedy_completions, model_fingerprint
 
     model, tokenizer = tiny_model_and_tokenizer
     examples = [
         SimpleNamespace(id=f"q{i}", benchmark="mbpp", metadata={"prompt_version": 1}) for i in range(2)
     ]
-    known = [[1, 2, 3], [4, 5]]
+    prompts = [[1, 2, 3], [4, 5]]
+    expected = greedy_completions(model, tokenizer, prompts, max_new_tokens=4, batch_size=1)
     path = tmp_path / f"base-completions-{model_fingerprint(model)}-mbpp-v1-n4.json"
     path.write_text('{"q0": [1, 2')  # truncated
     with caplog.at_level("WARNING"):
-        got = _cached_base_completions(model, tokenizer, examples, [[1], [2]], 4, 1, tmp_path, known=known)
-    assert got == known
-    assert json.loads(path.read_text()) == {"q0": [1, 2, 3], "q1": [4, 5]}
+        got = _cached_base_completions(model, tokenizer, examples, prompts, 4, 1, tmp_path)
+    assert got == expected  # generated again by the one producer, not read from the broken file
+    assert json.loads(path.read_text()) == {"q0": expected[0], "q1": expected[1]}
     assert any(str(path) in r.getMessage() for r in caplog.records)
 
 
