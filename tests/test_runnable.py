@@ -51,7 +51,9 @@ def test_every_mechanism_trains_one_step(name, tiny_model_and_tokenizer, data_di
         ex.to_training_example()
         for ex in load_benchmark("scienceqa", "train", data_dir=data_dir, limit=6, seed=0)
     ]
-    variant = VariantConfig(**{name: COMPONENT_CONFIGS[name]()})
+    # One step: the EMA's default period (10) would never sync, which the trainer refuses as inert.
+    config = COMPONENT_CONFIGS[name](**({"sync_steps": 1} if name == "ema" else {}))
+    variant = VariantConfig(**{name: config})
     training = TrainingConfig(max_steps=1, batch_size=2, max_prompt_tokens=128, max_completion_tokens=4)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = train_variant(model, tok, examples, variant, training, cache_dir=tmp_path)
