@@ -30,10 +30,15 @@ def test_gpu_studies_state_every_value_they_rely_on(name):
     data = yaml.safe_load((REPO / "studies" / name).read_text())
     sections = {
         "training": (data["training"], set(TrainingConfig.model_fields) - {"seed"}),
-        "model": (data["model"], set(ModelSpec.model_fields) - {"device"}),  # None: cuda when available
-        "model.lora": (data["model"]["lora"], set(LoRASpec.model_fields)),
         "evaluation": (data["evaluation"], set(EvaluationSpec.model_fields)),
     }
+    # device None: cuda when available. One model: its name is a label and its batch is training's; in a
+    # list each model states both.
+    models = data["model"] if isinstance(data["model"], list) else [data["model"]]
+    optional = {"device"} if isinstance(data["model"], list) else {"device", "name", "batch_size"}
+    for i, model in enumerate(models):
+        sections[f"model[{i}]"] = (model, set(ModelSpec.model_fields) - optional)
+        sections[f"model[{i}].lora"] = (model["lora"], set(LoRASpec.model_fields))
     for where, (written, fields) in sections.items():
         missing = sorted(fields - set(written))
         assert not missing, f"{name}: {where} leaves {missing} to the library's defaults"
