@@ -21,7 +21,7 @@ MICRO = """
 name: micro
 model: {ref: tiny-random:llama, dtype: float32, device: cpu}
 data: {train: [scienceqa], train_size: 4, data_dir: DATA}
-method: {components: [ema], subsets: SUBSETS}
+method: {components: [ema], subsets: SUBSETS, ema: {sync_steps: 1}}
 training: {max_steps: 1, batch_size: 2, learning_rate: LR, max_prompt_tokens: 128, max_completion_tokens: 4}
 evaluation: {benchmarks: [scienceqa], limit: 2, batch_size: 2, max_gen_tokens: 4, retention: false}
 output_dir: runs/micro

@@ -35,6 +35,7 @@ data: {train: [scienceqa], train_size: 8, data_dir: DATA}
 method:
   components: [ema]
   subsets: [[], [ema]]
+  ema: {sync_steps: 1}        # two steps: a longer period would never sync (refused as inert)
 training:
   max_steps: 2
   batch_size: 4
@@ -204,6 +205,7 @@ method:
   subsets: [[ema]]
   ema:
     beta: {type: float, low: 0.5, high: 0.99}
+    sync_steps: 1
 seeds: [0, 1]
 training: {max_steps: 2, batch_size: 4, max_prompt_tokens: 256, max_completion_tokens: 8}
 evaluation: {benchmarks: [scienceqa], limit: 2, batch_size: 2, max_gen_tokens: 8}

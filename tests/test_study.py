@@ -33,6 +33,7 @@ method:
   baselines: [base, sft]
   components: [ema, clipping]
   subsets: all
+  ema: {sync_steps: 1}        # one step: a longer period would never sync (refused as inert)
 training: {max_steps: 1}
 seeds: [0]
 evaluation: {benchmarks: [scienceqa], limit: 2, retention: false}
@@ -51,6 +52,7 @@ method:
   baselines: [base, sft]
   components: [ema]
   subsets: all
+  ema: {sync_steps: 1}
 training: {max_steps: 1}
 seeds: [0]
 evaluation: {benchmarks: [scienceqa, gpqa, mbpp], limit: 2, retention: false}
@@ -67,6 +69,7 @@ method:
   subsets: [[ema]]
   ema:
     beta: {type: float, low: 0.5, high: 0.99}
+    sync_steps: 2
 training: {max_steps: 8}
 evaluation: {benchmarks: [scienceqa], limit: 2, retention: false}
 search: {sampler: tpe, n_trials: 6, pruner: median}

@@ -29,6 +29,7 @@ method:
   baselines: [base, sft]
   components: [ema]
   subsets: all
+  ema: {sync_steps: 1}
 training: {max_steps: 1}
 evaluation: {benchmarks: [scienceqa], limit: 2}
 output_dir: OUT
