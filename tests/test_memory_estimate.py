@@ -20,9 +20,9 @@ def test_formula_terms_for_qwen_7b_with_lora():
     assert shape is not None and shape.vocab == 152_064
     spec = load_spec(REPO / "studies" / "full_ablation.yaml")
     training = TrainingConfig(batch_size=4, max_prompt_tokens=1024, max_completion_tokens=1024)
-    fused = trial_memory(shape, VariantConfig(), training, lora=spec.model.lora)
+    fused = trial_memory(shape, VariantConfig(), training, lora=spec.models()[0].lora)
     unfused = trial_memory(
-        shape, VariantConfig(), training.model_copy(update={"fused_loss": False}), lora=spec.model.lora
+        shape, VariantConfig(), training.model_copy(update={"fused_loss": False}), lora=spec.models()[0].lora
     )
     # Unfused: ~5.4 [B,T,V] fp32 tensors; fused: 8 chunks of 2^24 / V positions, whatever T.
     assert unfused["loss"] == pytest.approx(5.4 * 4 * 1024 * 152_064 * 4)
@@ -32,14 +32,14 @@ def test_formula_terms_for_qwen_7b_with_lora():
         shape,
         VariantConfig(),
         training.model_copy(update={"max_completion_tokens": 2048}),
-        lora=spec.model.lora,
+        lora=spec.models()[0].lora,
     )
     assert longer["loss"] == fused["loss"]
     assert fused["total"] == pytest.approx(sum(v for k, v in fused.items() if k != "total"))
     # Full fine-tuning keeps a frozen teacher copy and AdamW state for every weight.
     full = trial_memory(shape, VariantConfig(), training)
     assert full["teacher"] == shape.params * 2 and full["training"] == shape.params * 10
-    star = trial_memory(shape, PRESETS["unisd_star"], training, lora=spec.model.lora)
+    star = trial_memory(shape, PRESETS["unisd_star"], training, lora=spec.models()[0].lora)
     assert star["teacher_forward"] >= fused["teacher_forward"]
 
 

@@ -250,8 +250,11 @@ def test_lm_head_never_sees_prompt_positions(tiny_model_and_tokenizer, cache_dir
     model, tok = tiny_model_and_tokenizer
     decoder, head = decoder_and_head(model)
     head_lengths: list[int] = []
+    flat_positions: list[int] = []  # sampled-token scoring flattens [R,T,H] to completion positions
     decoder_rows: list[tuple[int, int]] = []
-    head.register_forward_hook(lambda m, args, out: head_lengths.append(args[0].shape[-2]))
+    head.register_forward_hook(
+        lambda m, args, out: (head_lengths if args[0].dim() == 3 else flat_positions).append(args[0].shape[-2])
+    )
     decoder.register_forward_hook(
         lambda m, args, kwargs, out: (
             decoder_rows.append(tuple(kwargs["input_ids"].shape))
@@ -271,6 +274,8 @@ def test_lm_head_never_sees_prompt_positions(tiny_model_and_tokenizer, cache_dir
     scoring = [n for n in head_lengths if n != 1]
     # teacher (main + K + negative rows, one call per chunk) and student: each exactly T positions.
     assert scoring and all(n == COMPLETION for n in scoring), head_lengths
+    # The K agreement and the negative contexts' sampled-token scores: exactly their completion positions.
+    assert sum(flat_positions) == 2 * (3 + 1) * COMPLETION, flat_positions
     # One batched teacher forward: B main rows + K·B agreement rows + B negative rows.
     assert any(rows == 2 * (1 + 3 + 1) for rows, _ in decoder_rows), decoder_rows
 
