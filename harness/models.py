@@ -146,10 +146,12 @@ def load_tokenizer(ref: str):
     return tokenizer
 
 
-def _tiny_random_llama(vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_random(family: str, vocab_size: int, seed: int = 0):
+    """A tiny random causal LM of a transformers family (``Llama``, ``Qwen2``): hidden 64, 2 layers, GQA 4/2,
+    tied embeddings, the same shape for every family so tests compare architectures, not sizes."""
+    import transformers
 
-    config = LlamaConfig(
+    config = getattr(transformers, f"{family}Config")(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -161,25 +163,7 @@ def _tiny_random_llama(vocab_size: int, seed: int = 0):
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
-
-
-def _tiny_random_qwen2(vocab_size: int, seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return Qwen2ForCausalLM(config)
+        return getattr(transformers, f"{family}ForCausalLM")(config)
 
 
 def load_model(ref: str, *, device: str | None = None, dtype: str | None = None):
@@ -190,9 +174,9 @@ def load_model(ref: str, *, device: str | None = None, dtype: str | None = None)
     target_dtype = resolve_dtype(dtype, target_device)
     tokenizer = load_tokenizer(ref)
     if ref == TINY_RANDOM_LLAMA:
-        model = _tiny_random_llama(len(tokenizer))
+        model = _tiny_random("Llama", len(tokenizer))
     elif ref == TINY_RANDOM_QWEN2:
-        model = _tiny_random_qwen2(len(tokenizer))
+        model = _tiny_random("Qwen2", len(tokenizer))
     else:
         source = _bundled_dir() if ref == BUNDLED_SMOLLM2 else ref
         try:
