@@ -21,7 +21,7 @@ MICRO = """
 name: micro
 model: {ref: tiny-random:llama, dtype: float32, device: cpu}
 data: {train: [scienceqa], train_size: 4, data_dir: DATA}
-method: {components: [ema], subsets: SUBSETS, ema: {sync_steps: 1}}
+method: {components: [ema], subsets: SUBSETSEMA}
 training: {max_steps: 1, batch_size: 2, learning_rate: LR, max_prompt_tokens: 128, max_completion_tokens: 4}
 evaluation: {benchmarks: [scienceqa], limit: 2, batch_size: 2, max_gen_tokens: 4, retention: false}
 output_dir: runs/micro
@@ -29,7 +29,10 @@ output_dir: runs/micro
 
 
 def _micro(tmp_path: Path, *, subsets: str = "[[]]", lr: str = "1.0e-4") -> Path:
-    text = MICRO.replace("DATA", os.environ["UNISD_DATA_DIR"]).replace("SUBSETS", subsets).replace("LR", lr)
+    # One step: the EMA syncs every step where a subset enables it (a longer period is refused as inert).
+    ema = ", ema: {sync_steps: 1}" if "ema" in subsets else ""
+    text = MICRO.replace("DATA", os.environ["UNISD_DATA_DIR"]).replace("SUBSETSEMA", subsets + ema)
+    text = text.replace("LR", lr)
     path = tmp_path / "micro.yaml"
     path.write_text(text)
     return path
