@@ -64,7 +64,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from harness.library_output import quiet_libraries
 
         quiet_libraries(spec.output_path / "harness.log")  # library bars and warnings off the console
-    if not args.dry_run:  # engine: vllm without vLLM installed: one line and exit 2, before any trial
+        # engine: vllm without vLLM installed: one line and exit 2, before any trial
         from harness.generation_engine import resolve_engine
         from harness.models import resolve_device
 
