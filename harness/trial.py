@@ -308,7 +308,9 @@ def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float
         if ctx.run is not None:
             ctx.run.log_artifact(ctx.trial_dir / "history.json")
     train_wall = time.perf_counter() - start
-    model.eval()
+    from unisd_components.lora import merged_for_inference
+
+    model = merged_for_inference(model).eval()  # the same function, one matmul per projection
     ctx.progress.trial_phase("evaluating")
     metrics, eval_seconds = _evaluate(
         model, tokenizer, spec, ctx, base if spec.evaluation.retention else None

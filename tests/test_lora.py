@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from unisd_components import trainer as trainer_module
 from unisd_components.config import EMAConfig, TrainingConfig, VariantConfig
-from unisd_components.lora import apply_lora, is_peft_model
+from unisd_components.lora import apply_lora, is_peft_model, merged_for_inference
 from unisd_components.teachers import AdapterTeacher, DisabledAdapterTeacher, make_teacher
 from unisd_components.trainer import TrainingExample, train_variant
 
@@ -48,6 +49,36 @@ def test_apply_lora_trains_adapters_only_and_starts_as_the_base(tiny_model_and_t
         apply_lora(wrapped, r=4)
     with pytest.raises(ValueError, match="rank"):
         apply_lora(tiny_model_and_tokenizer[0], r=0)
+
+
+def _trained_adapter(model):
+    """LoRA with nonzero B, so the adapted model differs from its base."""
+    wrapped = apply_lora(copy.deepcopy(model), r=4, alpha=8)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return wrapped.eval()
+
+
+def test_merged_for_inference_is_the_same_function_without_adapters(tiny_model_and_tokenizer):
+    model, _ = tiny_model_and_tokenizer
+    ids = torch.tensor([[1, 5, 9, 13, 17], [2, 4, 6, 8, 10]])
+    wrapped = _trained_adapter(model)
+    adapted_logits = _logits(wrapped, ids)
+    assert not torch.allclose(adapted_logits, _logits(model, ids), atol=1e-4)  # the adapter matters
+    merged = merged_for_inference(wrapped)
+    assert not is_peft_model(merged)
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(_logits(merged, ids), adapted_logits, rtol=1e-5, atol=1e-5)
+    assert merged_for_inference(model) is model  # a plain model is returned as it is
+
+
+def test_merged_for_inference_keeps_adapters_over_low_precision_weights(tiny_model_and_tokenizer):
+    # bf16 base weights would round a small LoRA update away: the adapters must stay unmerged.
+    wrapped = _trained_adapter(copy.deepcopy(tiny_model_and_tokenizer[0]).to(torch.bfloat16))
+    assert merged_for_inference(wrapped) is wrapped and is_peft_model(wrapped)
 
 
 def test_teacher_kinds_under_lora(tiny_model_and_tokenizer):
