@@ -260,6 +260,29 @@ def test_generate_texts_batched_seeded_and_side_effect_free(tiny_llama):
     model.eval()
 
 
+
+def test_generate_texts_batches_prompts_of_similar_length_and_keeps_the_callers_order(tiny_llama):
+    model, tok = tiny_llama
+    short, long = "Hi", "A much longer question with many more words in it than the other one?"
+    prompts = [[{"role": "user", "content": text}] for text in (long, short, long, short)]
+    widths, padded = [], []
+    real_generate = model.generate
+
+    def spy(*args, **kwargs):
+        mask = kwargs["attention_mask"]
+        widths.append(mask.shape[1])
+        padded.append(int((mask == 0).sum()))
+        return real_generate(*args, **kwargs)
+
+    model.generate = spy
+    try:
+        together = generate_texts(model, tok, prompts, 5, temperature=0.0, batch_size=2)
+    finally:
+        del model.generate
+    assert padded == [0, 0] and widths[0] < widths[1]  # the two short prompts, then the two long ones
+    alone = [generate_texts(model, tok, [p], 5, temperature=0.0)[0] for p in prompts]
+    assert together == alone  # each text back at its prompt's position
+
 def test_build_negatives_generates_once_then_hits_cache(tiny_llama, tmp_path):
     model, tok = tiny_llama
     examples = _examples(3)

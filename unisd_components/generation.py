@@ -99,11 +99,16 @@ def generate_texts(
     seed: int = 0,
     batch_size: int = 8,
 ) -> list[str]:
-    """One completion per message list, decoded without special tokens. ``temperature=0``: greedy."""
+    """One completion per message list, decoded without special tokens. ``temperature=0``: greedy.
+
+    Prompts are batched in order of length (returned in the caller's order), so a batch pads little.
+    """
     if not message_lists:
         return []
     device = next(model.parameters()).device
     prompts = [render_prompt(tokenizer, messages) for messages in message_lists]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     decoding = sampling_kwargs(temperature) if temperature > 0 else greedy_kwargs()
     was_training = model.training
@@ -117,7 +122,7 @@ def generate_texts(
             torch.manual_seed(seed)
             for start in range(0, len(prompts), batch_size):
                 batch = tokenizer(
-                    prompts[start : start + batch_size],
+                    [prompts[i] for i in order[start : start + batch_size]],
                     return_tensors="pt",
                     padding=True,
                     add_special_tokens=False,
@@ -134,4 +139,7 @@ def generate_texts(
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)
-    return [text.strip() for text in outputs]
+    texts = [""] * len(prompts)
+    for i, text in zip(order, outputs, strict=True):
+        texts[i] = text.strip()
+    return texts

@@ -137,6 +137,7 @@ def _train(
             seed=training.seed,
             # Negative demonstrations stand in for completions: no longer than a completion may be.
             max_new_tokens=training.max_completion_tokens,
+            batch_size=training.batch_size,
         )
         with distributed.main_process_first():  # rank 0 writes the shared caches, the others read them
             for component in components:

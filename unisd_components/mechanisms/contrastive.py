@@ -46,6 +46,7 @@ class ContrastiveComponent(Component):
             ctx.model_id,
             max_new_tokens=ctx.max_new_tokens,
             seed=ctx.seed,
+            batch_size=ctx.batch_size,
         )
         self._contexts = {
             ex.id: contexts.demonstration_context(ex.messages, negatives[ex.id]) for ex in ctx.examples
