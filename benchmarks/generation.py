@@ -38,18 +38,18 @@ import time
 def _prompts(n_train: int, n_eval: int):
     from harness.data import load_benchmark
     from harness.models import BUNDLED_SMOLLM2, load_model
-    from unisd_components.step import encode_chat
+    from unisd_components.chat import encode_prompt
 
     model, tok = load_model(BUNDLED_SMOLLM2, device="cpu", dtype="float32")
     data_dir = os.environ.get("UNISD_DATA_DIR")
     train = []
     for bench in ("scienceqa", "mbpp"):
         for ex in load_benchmark(bench, "train", data_dir=data_dir, limit=(n_train + 1) // 2, seed=0):
-            train.append(encode_chat(tok, ex.to_training_example().messages, 512))
+            train.append(encode_prompt(tok, ex.to_training_example().messages, 512))
     evaluation = []
     for bench in ("scienceqa", "gpqa"):
         for ex in load_benchmark(bench, "test", data_dir=data_dir, limit=(n_eval + 1) // 2, seed=0):
-            evaluation.append(encode_chat(tok, ex.to_training_example().messages, 512))
+            evaluation.append(encode_prompt(tok, ex.to_training_example().messages, 512))
     return model, tok, train[:n_train], evaluation[:n_eval]
 
 
@@ -68,6 +68,7 @@ def _count(rows, eos_ids) -> int:
 def _hf(model, prompts, *, max_new_tokens, temperature, batch, pad_id, eos_ids) -> tuple[int, float]:
     import torch
 
+    from unisd_components.generation import greedy_kwargs, stated_decoding
     from unisd_components.scoring import pad_left
     from unisd_components.step import sample_completions
 
@@ -86,11 +87,11 @@ def _hf(model, prompts, *, max_new_tokens, temperature, batch, pad_id, eos_ids) 
                 eos_ids=eos_ids,
             )
         else:
-            with torch.no_grad():
+            with torch.no_grad(), stated_decoding(model):  # greedy under the project's one rule
                 out = model.generate(
                     input_ids=ids,
                     attention_mask=mask,
-                    do_sample=False,
+                    **greedy_kwargs(),
                     max_new_tokens=max_new_tokens,
                     pad_token_id=pad_id,
                     eos_token_id=list(eos_ids),
