@@ -113,7 +113,9 @@ def _random_completions(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_i
     return ids.to(prompt_ids.device)
 
 
-def child(method: str, T: int, fused: bool, device: str, sample: bool = False) -> dict:
+def child(
+    method: str, T: int, fused: bool, device: str, sample: bool = False, checkpointing: bool = False
+) -> dict:
     """One configuration, one optimizer step: the peak growth in MB (run in its own process)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -155,6 +157,7 @@ def child(method: str, T: int, fused: bool, device: str, sample: bool = False) -
         learning_rate=1e-5,
         warmup_ratio=0.0,
         fused_loss=fused,
+        gradient_checkpointing=checkpointing,
     )
     state: dict[str, float] = {}
     real_distill = step_module.StepRunner.distill
@@ -207,9 +210,10 @@ def _cell(r: dict | None, T: int) -> str:
     return f"{r['growth_mb']:.0f} ({r['growth_mb'] / tensor_mb(T):.2f})" if r else "skipped"
 
 
-def _run_child(method: str, T: int, fused: bool, device: str, sample: bool) -> dict:
+def _run_child(method: str, T: int, fused: bool, device: str, sample: bool, checkpointing: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", method, str(T), "1" if fused else "0", "--device", device]
     cmd += ["--sample"] if sample else []
+    cmd += ["--gradient-checkpointing"] if checkpointing else []
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if out.returncode != 0:
         raise RuntimeError(f"{method} T={T} fused={fused} failed:\n{out.stderr[-3000:]}")
@@ -233,23 +237,41 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="really sample the completions and negatives (default: random tokens; see the docstring)",
     )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="training.gradient_checkpointing: the layers' activations are recomputed in the backward, so "
+        "what still grows with T is the loss's (and the per-layer inputs, [B, L, H])",
+    )
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "T", "FUSED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         method, T, fused = args.child
-        print(json.dumps(child(method, int(T), fused == "1", args.device, args.sample)), flush=True)
+        print(
+            json.dumps(
+                child(method, int(T), fused == "1", args.device, args.sample, args.gradient_checkpointing)
+            ),
+            flush=True,
+        )
         return 0
 
     lengths = sorted(args.lengths)
     results: dict[tuple[str, int, bool], dict] = {}
     skipped: dict[tuple[str, int, bool], str] = {}
-    print(f"vocab {VOCAB}, hidden {HIDDEN}, batch {BATCH}, device {args.device}", flush=True)
+    print(
+        f"vocab {VOCAB}, hidden {HIDDEN}, batch {BATCH}, device {args.device}, "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}",
+        flush=True,
+    )
     if args.jobs > 1:  # the fused runs are small: several at a time (peaks are per process)
         from concurrent.futures import ThreadPoolExecutor
 
         keys = [(m, T, True) for T in lengths for m in args.methods]
         with ThreadPoolExecutor(args.jobs) as pool:
-            futures = {k: pool.submit(_run_child, *k, args.device, args.sample) for k in keys}
+            futures = {
+                k: pool.submit(_run_child, *k, args.device, args.sample, args.gradient_checkpointing)
+                for k in keys
+            }
             for key, future in futures.items():
                 results[key] = r = future.result()
                 print(
@@ -275,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         print(f"skip {method} T={T} unfused: {skipped[key]}", flush=True)
                         continue
-                r = _run_child(method, T, fused, args.device, args.sample)
+                r = _run_child(method, T, fused, args.device, args.sample, args.gradient_checkpointing)
                 if r.get("skipped"):
                     skipped[key] = r["skipped"]
                     print(

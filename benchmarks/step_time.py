@@ -54,12 +54,24 @@ figures (1.11 and 1.51, one warm-up step, 2 timed steps) were noise from the sec
 these replace them.
 
 ``--fused-vs-unfused [--methods sdft unisd_star]`` times ``training.fused_loss`` true against false instead
-(target: fused no more than 5% slower). Not measured yet: on 2026-12-01 the shared box ran at load 20-40
-and the run could not finish in the session. What was measured then, in CPU seconds (``time.process_time``,
-less sensitive to that load than wall time) of the loss alone at this benchmark's shapes (B=4, T=64,
-H=576, V=49,152, forward KL, head gradient on): fused 9.28 s against unfused 8.92 s, 1.04x, medians of
-two interleaved pairs (the logits are not recomputed here: 256 positions fit one chunk, which the forward
-keeps for the backward).
+(target: fused no more than 5% slower). UniSD* syncs its EMA every step here (the preset's 10 would
+never fire in a 5-step run, which the trainer refuses as inert). Measured 2026-12-01 on the idle 2-core box
+(``--fused-vs-unfused --steps 3 --rounds 2 --warmup 2``, full fine-tuning), median s/step:
+
+    method              generation  teacher  student  optimizer  total
+    sdft fused                7.94     1.86     4.97       0.32  15.06
+    sdft unfused              7.02     1.80     4.77       0.30  14.12
+    unisd_star fused          7.01     9.86     4.01       0.37  20.18
+    unisd_star unfused        6.35     9.79     4.15       0.38  21.03
+
+fused / unfused, total: sdft 1.067, unisd_star 0.959; the student phase, the only one the setting changes
+(the forward, the loss and its backward; the teacher's hidden states are the same either way): sdft 1.04,
+unisd_star 0.97. The generation phase, which never sees the loss, moved by 10-13% between the runs of one
+round: that is the box's noise, and it is what puts sdft's total over 5%. The logits are not recomputed
+here: 256 positions fit one chunk, which the forward keeps for the backward. Generation is slower than in
+the 2026-11-29 table above (7-8 s against 4.7 s for 4 x 64 tokens): a decoding step of ``generate`` now
+takes ~120 ms at batch 4, in both the fused and unfused runs and with or without the stated decoding rule
+(measured side by side); 29% of a decoding step is the KV cache's ``torch.cat``.
 
 Run: ``python benchmarks/step_time.py [--steps 4] [--rounds 2] [--warmup 2] [--model bundled:smollm2-135m-instruct]``
 (needs the bench extra: ``pip install trl``). Takes several minutes on a laptop CPU.
@@ -265,7 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model)
     examples = _examples(tokenizer, args.examples, args.data_dir)
-    variants = {"sdft": VariantConfig(), "unisd_star": PRESETS["unisd_star"]}
+    # The preset syncs its EMA teacher every 10 steps; these runs are a few steps long, so it syncs every
+    # step (the sync's cost lands in every timed step, and the run is not refused as inert).
+    star = PRESETS["unisd_star"]
+    star = star.model_copy(update={"ema": star.ema.model_copy(update={"sync_steps": 1})})
+    variants = {"sdft": VariantConfig(), "unisd_star": star}
     print(
         f"model {args.model} on {next(model.parameters()).device}, {torch.get_num_threads()} threads; "
         f"batch 4, 64 completion tokens, {args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds",
