@@ -17,11 +17,20 @@ spawn, weight load, KV cache allocation) is reported separately. Run it in the v
 
     python benchmarks/generation.py --rounds 3
 
-Figures. Not yet measured with this script: on 2026-12-01 the shared 2-core box ran at a load average
-of 20-38 from other sessions (the engine start alone took 207 s instead of ~21 s, and the run was
-stopped). The issue's own measurement on the same box, idle (SmolLM2-135M-Instruct, fp32, 16 prompts x 64
-sampled tokens at T = 0.7, ``enforce_eager=True``): vLLM-CPU 263 tokens/s (engine start 21 s) against
-``generate`` 160 tokens/s, x1.64. Run it on an idle machine and replace this paragraph with its table.
+Figures, measured 2026-12-01 on the idle 2-core box (``python benchmarks/generation.py --rounds 3``,
+vllm-cpu 0.32.0, SmolLM2-135M-Instruct fp32; 16 training prompts x 64 sampled tokens at T = 0.7; 32
+evaluation prompts x 48 greedy tokens, hf in batches of 16), medians over the rounds:
+
+    phase                 hf tok/s   vllm tok/s   vllm/hf
+    training sampling           37           84      2.28
+    evaluation (greedy)         22           60      2.71
+
+engine start 12.2 s; weight push (``load_policy``) median 0.54 s per optimizer step. Per round: sampling
+x2.56, x2.01, x2.08; evaluation x2.41, x1.92, x2.78 (target for sampling: >= 1.5x). ``generate`` is slower
+per token here than in the issue's measurement (160 tok/s) because these are the quickstart's real
+prompts, 95 to 266 tokens, left-padded to the longest of the batch: its prefill is most of the time.
+A run with vLLM's default CPU thread binding and one with ``VLLM_CPU_OMP_THREADS_BIND=nobind`` gave the same
+``generate`` rate (33-45 tok/s), so the colocated engine does not take the trainer's threads on this box.
 
 GPU: no GPU was lent to this task; run the same script on one once (``--batch 16``) and add its figures
 here.
