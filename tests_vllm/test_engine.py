@@ -7,8 +7,9 @@ import copy
 
 import torch
 
+from unisd_components.chat import encode_prompt
 from unisd_components.lora import apply_lora
-from unisd_components.step import encode_chat, eos_token_ids
+from unisd_components.step import eos_token_ids
 
 TOL = 1e-3
 
@@ -22,7 +23,7 @@ def _model_logprobs(model, prompt: list[int], cont: list[int]) -> torch.Tensor:
 
 
 def _fixture_pair(tok):
-    prompt = encode_chat(tok, [{"role": "user", "content": "Which planet is closest to the sun?"}], 256)
+    prompt = encode_prompt(tok, [{"role": "user", "content": "Which planet is closest to the sun?"}], 256)
     cont = tok("Mercury is the planet closest to the sun.", add_special_tokens=False)["input_ids"]
     return prompt, cont
 
