@@ -253,6 +253,7 @@ def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float
     training raises (``NonFiniteLossError``, out of memory): the runner records the trial as failed.
     """
     from harness.plan import planned_steps, point_training, point_variant
+    from unisd_components.lora import merged_for_inference
 
     ctx.trial_dir.mkdir(parents=True, exist_ok=True)
     variant = point_variant(point)  # None: the untrained base model
@@ -308,8 +309,6 @@ def run_trial(point: Any, spec: StudySpec, ctx: TrialContext) -> dict[str, float
         if ctx.run is not None:
             ctx.run.log_artifact(ctx.trial_dir / "history.json")
     train_wall = time.perf_counter() - start
-    from unisd_components.lora import merged_for_inference
-
     model = merged_for_inference(model).eval()  # the same function, one matmul per projection
     ctx.progress.trial_phase("evaluating")
     metrics, eval_seconds = _evaluate(

@@ -260,7 +260,6 @@ def test_generate_texts_batched_seeded_and_side_effect_free(tiny_llama):
     model.eval()
 
 
-
 def test_generate_texts_batches_prompts_of_similar_length_and_keeps_the_callers_order(tiny_llama):
     model, tok = tiny_llama
     short, long = "Hi", "A much longer question with many more words in it than the other one?"
@@ -282,6 +281,7 @@ def test_generate_texts_batches_prompts_of_similar_length_and_keeps_the_callers_
     assert padded == [0, 0] and widths[0] < widths[1]  # the two short prompts, then the two long ones
     alone = [generate_texts(model, tok, [p], 5, temperature=0.0)[0] for p in prompts]
     assert together == alone  # each text back at its prompt's position
+
 
 def test_build_negatives_generates_once_then_hits_cache(tiny_llama, tmp_path):
     model, tok = tiny_llama

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
-__all__ = ["DEFAULT_TARGET_MODULES", "apply_lora", "is_peft_model", "merged_for_inference"]
+__all__ = ["DEFAULT_TARGET_MODULES", "apply_lora", "is_peft_model", "lora_layers", "merged_for_inference"]
 
 # Attention and MLP projections of Llama/Qwen/Mistral/Gemma-style decoders (the paper's choice).
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
@@ -36,6 +37,15 @@ def is_peft_model(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - peft is a dependency
         return False
     return isinstance(model, PeftModel)
+
+
+def lora_layers(model: nn.Module) -> dict:
+    """peft LoRA layers by their module name (empty for a plain model)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return {}
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 def apply_lora(
@@ -81,13 +91,9 @@ def merged_for_inference(model: nn.Module) -> nn.Module:
     would not be the trained one. Merging replaces the adapted modules in place: use the result, not
     ``model``, afterwards, and only when the adapters will not train again.
     """
-    import torch
-
     if not is_peft_model(model):
         return model
-    from peft.tuners.lora import LoraLayer
-
-    weights = [m.get_base_layer().weight for m in model.modules() if isinstance(m, LoraLayer)]
+    weights = [layer.get_base_layer().weight for layer in lora_layers(model).values()]
     if not weights or any(w.dtype != torch.float32 for w in weights):
         return model
     return model.merge_and_unload()

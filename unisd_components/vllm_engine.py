@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from unisd_components.lora import lora_layers
+
 __all__ = ["VLLMEngine", "merged_policy_weights", "sampling_kwargs", "vllm_available"]
 
 # Default KV cache on a CPU: SmolLM2-135M needs ~46 KB per token in fp32, so 1 GiB holds ~23k tokens.
@@ -88,15 +90,6 @@ def sampling_kwargs(
     }
 
 
-def _lora_layers(model: nn.Module) -> dict[str, Any]:
-    """peft LoRA layers by their module name (empty for a plain model)."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return {}
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-
-
 def merged_policy_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The weights the policy samples with, as ``(hugging-face name, tensor)`` pairs, the model untouched.
 
@@ -105,7 +98,7 @@ def merged_policy_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]
     names stripped of peft's ``base_model.model.`` prefix and ``.base_layer`` infix. Computed per layer,
     so at most one extra layer-sized tensor exists at a time.
     """
-    lora = _lora_layers(model)
+    lora = lora_layers(model)
     if not lora:
         for name, param in model.named_parameters():
             yield name, param.detach()
