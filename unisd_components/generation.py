@@ -24,7 +24,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from unisd_components.chat import render_prompt
+from unisd_components.chat import encode_prompt
+from unisd_components.scoring import pad_left
 
 __all__ = ["generate_texts", "greedy_kwargs", "sampling_kwargs", "stated_decoding"]
 
@@ -106,38 +107,30 @@ def generate_texts(
     if not message_lists:
         return []
     device = next(model.parameters()).device
-    prompts = [render_prompt(tokenizer, messages) for messages in message_lists]
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    prompts = [encode_prompt(tokenizer, messages) for messages in message_lists]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     decoding = sampling_kwargs(temperature) if temperature > 0 else greedy_kwargs()
     was_training = model.training
-    old_side = tokenizer.padding_side
     fork_devices = [device] if device.type == "cuda" else []
     outputs: list[str] = []
     try:
         model.eval()
-        tokenizer.padding_side = "left"
         with torch.random.fork_rng(devices=fork_devices), torch.inference_mode(), stated_decoding(model):
             torch.manual_seed(seed)
             for start in range(0, len(prompts), batch_size):
-                batch = tokenizer(
-                    [prompts[i] for i in order[start : start + batch_size]],
-                    return_tensors="pt",
-                    padding=True,
-                    add_special_tokens=False,
-                ).to(device)
+                ids, mask = pad_left([prompts[i] for i in order[start : start + batch_size]], pad_id)
                 generated = model.generate(
-                    **batch,
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
                     max_new_tokens=max_new_tokens,
                     pad_token_id=pad_id,
                     use_cache=True,
                     **decoding,
                 )
-                new_tokens = generated[:, batch["input_ids"].shape[1] :]
+                new_tokens = generated[:, ids.shape[1] :]
                 outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     finally:
-        tokenizer.padding_side = old_side
         model.train(was_training)
     texts = [""] * len(prompts)
     for i, text in zip(order, outputs, strict=True):
