@@ -10,7 +10,7 @@ import torch
 
 from unisd_components import trainer as trainer_module
 from unisd_components.config import EMAConfig, TrainingConfig, VariantConfig
-from unisd_components.lora import apply_lora, is_peft_model, merged_for_inference
+from unisd_components.lora import adapters_folded, apply_lora, is_peft_model, merged_for_inference
 from unisd_components.teachers import AdapterTeacher, DisabledAdapterTeacher, make_teacher
 from unisd_components.trainer import TrainingExample, train_variant
 
@@ -79,6 +79,54 @@ def test_merged_for_inference_keeps_adapters_over_low_precision_weights(tiny_mod
     # bf16 base weights would round a small LoRA update away: the adapters must stay unmerged.
     wrapped = _trained_adapter(copy.deepcopy(tiny_model_and_tokenizer[0]).to(torch.bfloat16))
     assert merged_for_inference(wrapped) is wrapped and is_peft_model(wrapped)
+
+
+def test_adapters_folded_is_the_same_function_and_gives_the_base_weights_back(tiny_model_and_tokenizer):
+    model, _ = tiny_model_and_tokenizer
+    ids = torch.tensor([[1, 5, 9, 13, 17], [2, 4, 6, 8, 10]])
+    wrapped = _trained_adapter(model)
+    adapted_logits = _logits(wrapped, ids)
+    bases = {n: p for n, p in wrapped.named_parameters() if "lora_" not in n}
+    saved = {n: p.detach().clone() for n, p in bases.items()}
+    storage = {n: p.data_ptr() for n, p in bases.items()}
+    with torch.no_grad(), adapters_folded(wrapped) as folded:
+        assert folded is wrapped
+        # Folded: every projection runs its base layer alone, on merged weights.
+        assert all(layer.merged for layer in lora_layers_of(wrapped))
+        torch.testing.assert_close(_logits(wrapped, ids), adapted_logits, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(dict(wrapped.named_parameters())[_a_q_proj(wrapped)], saved[_a_q_proj(wrapped)])
+    assert not any(layer.merged for layer in lora_layers_of(wrapped))
+    after = dict(wrapped.named_parameters())
+    # The same tensors, bit for bit (not merged weights minus the update, which would drift).
+    assert all(after[n].data_ptr() == storage[n] and torch.equal(after[n], saved[n]) for n in bases)
+    torch.testing.assert_close(_logits(wrapped, ids), adapted_logits, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="inference"):
+        with adapters_folded(wrapped):
+            pass
+
+
+def test_adapters_folded_leaves_disabled_and_low_precision_adapters_alone(tiny_model_and_tokenizer):
+    model, _ = tiny_model_and_tokenizer
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    wrapped = _trained_adapter(model)
+    with torch.no_grad(), wrapped.disable_adapter(), adapters_folded(wrapped):
+        assert not any(layer.merged for layer in lora_layers_of(wrapped))
+        torch.testing.assert_close(_logits(wrapped, ids), _logits(model, ids))  # still the base model
+    low = _trained_adapter(copy.deepcopy(model).to(torch.bfloat16))
+    with torch.no_grad(), adapters_folded(low):
+        assert not any(layer.merged for layer in lora_layers_of(low))
+    with torch.no_grad(), adapters_folded(model):  # a plain model passes through
+        torch.testing.assert_close(_logits(model, ids), _logits(model, ids))
+
+
+def lora_layers_of(model):
+    from unisd_components.lora import lora_layers
+
+    return list(lora_layers(model).values())
+
+
+def _a_q_proj(model) -> str:
+    return next(n for n, _ in model.named_parameters() if n.endswith("q_proj.base_layer.weight"))
 
 
 def test_teacher_kinds_under_lora(tiny_model_and_tokenizer):

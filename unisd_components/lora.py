@@ -11,12 +11,20 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_TARGET_MODULES", "apply_lora", "is_peft_model", "lora_layers", "merged_for_inference"]
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "adapters_folded",
+    "apply_lora",
+    "is_peft_model",
+    "lora_layers",
+    "merged_for_inference",
+]
 
 # Attention and MLP projections of Llama/Qwen/Mistral/Gemma-style decoders (the paper's choice).
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
@@ -97,3 +105,62 @@ def merged_for_inference(model: nn.Module) -> nn.Module:
     if not weights or any(w.dtype != torch.float32 for w in weights):
         return model
     return model.merge_and_unload()
+
+
+def _foldable(layer, adapter: str) -> bool:
+    from peft.tuners.lora.layer import Linear
+
+    weight = getattr(layer.get_base_layer(), "weight", None)
+    return (
+        type(layer) is Linear
+        and weight is not None
+        and weight.dtype == torch.float32
+        and adapter not in layer.lora_variant  # plain LoRA: no DoRA magnitude, no bias of its own
+        and not layer.lora_bias.get(adapter, False)
+    )
+
+
+@contextmanager
+def adapters_folded(model: nn.Module) -> Iterator[nn.Module]:
+    """While inside, each LoRA layer's active adapter is folded into a merged fp32 copy of its base weight,
+    so an inference pass runs one matmul per projection instead of three; on exit the layers get their
+    own base weights back (the same tensors: frozen weights stay bit for bit frozen).
+
+    For no-grad passes only (sampling, teacher scoring): a merged layer gives its adapter no gradient, so
+    entering with gradients enabled raises. Layers that cannot be folded exactly (adapters disabled,
+    several active adapters, DoRA or LoRA bias, non-fp32 base weights: a small update rounds away in
+    bf16) keep their adapter path. On CUDA the merged copies (the adapted weights' size) are made only
+    when that much memory is free. A plain model passes through unchanged.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError("adapters_folded is for inference: enter it under torch.no_grad()")
+    folded = []
+    for layer in lora_layers(model).values():
+        active = list(layer.active_adapters)
+        if layer.disable_adapters or layer.merged or len(active) != 1 or not _foldable(layer, active[0]):
+            continue
+        folded.append((layer, active[0]))
+    if folded and _no_room_for_copies([layer.get_base_layer().weight for layer, _ in folded]):
+        folded = []
+    originals = []
+    try:
+        for layer, adapter in folded:
+            base = layer.get_base_layer()
+            originals.append((layer, adapter, base.weight.data))
+            base.weight.data = base.weight.data + layer.get_delta_weight(adapter)
+            layer.merged_adapters.append(adapter)  # peft's forward now runs the base layer alone
+        yield model
+    finally:
+        for layer, adapter, weight in reversed(originals):
+            layer.get_base_layer().weight.data = weight
+            if adapter in layer.merged_adapters:  # (peft unmerges by itself if adapters were disabled inside)
+                layer.merged_adapters.remove(adapter)
+
+
+def _no_room_for_copies(weights: list[torch.Tensor]) -> bool:
+    device = weights[0].device
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    needed = sum(w.numel() * w.element_size() for w in weights)
+    return free < needed + (1 << 30)
