@@ -4,7 +4,8 @@ Two phases, as a trial runs them:
 
 - **training sampling**: one step's batch (``--batch`` prompts of the quickstart's training data, chat
   template, ``--sample-tokens`` new tokens at temperature 0.7, the project's sampling rule): ``hf`` is the
-  trainer's own ``sample_completions`` on a left-padded batch; ``vllm`` is ``VLLMEngine.sample`` after a
+  trainer's own ``sample_completions`` (since 2026-12-01 evening: prompts prefilled in length groups,
+  see ``unisd_components.prefill``; the figures below predate it); ``vllm`` is ``VLLMEngine.sample`` after a
   weight push (``load_policy``, timed on its own: the trainer pays it once per optimizer step).
 - **evaluation generation**: ``--eval-prompts`` evaluation prompts, greedy, ``--eval-tokens`` new tokens;
   ``hf`` in batches of ``--eval-batch`` (HFLM's way), ``vllm`` all submitted at once (lm-eval's vllm model
@@ -88,8 +89,7 @@ def _hf(model, prompts, *, max_new_tokens, temperature, batch, pad_id, eos_ids) 
         if temperature > 0:
             out = sample_completions(
                 model,
-                ids,
-                mask,
+                prompts[i : i + batch],
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
                 pad_id=pad_id,

@@ -119,14 +119,14 @@ def _examples(n: int):
     ]
 
 
-def _random_completions(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_ids, **_):
+def _random_completions(model, prompts, *, max_new_tokens, eos_ids, **_):
     """Stand-in for sampling: ``max_new_tokens`` random non-EOS ids per prompt (see the module docstring)."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, VOCAB, (prompt_ids.shape[0], max_new_tokens), generator=gen)
+    ids = torch.randint(0, VOCAB, (len(prompts), max_new_tokens), generator=gen)
     ids[torch.isin(ids, torch.tensor(list(eos_ids)))] = 7
-    return ids.to(prompt_ids.device)
+    return ids.to(next(model.parameters()).device)
 
 
 def child(

@@ -33,14 +33,8 @@ def _leaky(model, tokenizer):
 def _prompts(tokenizer):
     texts = ["The sky is", "Write a function that adds two numbers.", "A B A B A B"]
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    return rows, ids, mask, pad
+    return rows, pad
 
 
 def test_training_samples_ignore_the_generation_config(tiny_model_and_tokenizer):
@@ -48,13 +42,13 @@ def test_training_samples_ignore_the_generation_config(tiny_model_and_tokenizer)
     with torch.no_grad():  # peaked next-token distributions: samples repeat, so a penalty would show
         model.get_output_embeddings().weight.mul_(40.0)
     leaky = _leaky(model, tok)
-    _, ids, mask, pad = _prompts(tok)
+    rows, pad = _prompts(tok)
     samples = []
     for m in (model, leaky):
         torch.manual_seed(0)
         samples.append(
             sample_completions(
-                m, ids, mask, max_new_tokens=12, temperature=0.7, pad_id=pad, eos_ids=eos_token_ids(m, tok)
+                m, rows, max_new_tokens=12, temperature=0.7, pad_id=pad, eos_ids=eos_token_ids(m, tok)
             )
         )
     assert torch.equal(samples[0], samples[1])
@@ -64,7 +58,7 @@ def test_training_samples_ignore_the_generation_config(tiny_model_and_tokenizer)
 def test_greedy_completions_ignore_the_generation_config(tiny_model_and_tokenizer):
     model, tok = tiny_model_and_tokenizer
     leaky = _leaky(model, tok)
-    rows, _, _, _ = _prompts(tok)
+    rows, _ = _prompts(tok)
     plain = greedy_completions(model, tok, rows, max_new_tokens=12, batch_size=2)
     other = greedy_completions(leaky, tok, rows, max_new_tokens=12, batch_size=2)
     assert plain == other

@@ -38,6 +38,7 @@ from unisd_components.config import (
 )
 from unisd_components.divergence import token_divergence
 from unisd_components.fused_loss import HeadWeights, chunk_tokens_for, fused_head_scores
+from unisd_components.scoring import pad_left
 from unisd_components.trainer import TrainingExample, train_variant
 
 RTOL = 1e-5
@@ -147,18 +148,18 @@ def _examples(n: int = 6) -> list[TrainingExample]:
     ]
 
 
-def _fixed_completions(model, prompt_ids, prompt_mask, *, max_new_tokens, pad_id, eos_ids, **_):
+def _fixed_completions(model, prompts, *, max_new_tokens, pad_id, eos_ids, **_):
     """Deterministic completions of uneven length: random ids, EOS after LENGTHS[b] - 1 of them, pad after."""
-    gen = torch.Generator().manual_seed(int(prompt_ids.sum()))
+    gen = torch.Generator().manual_seed(int(pad_left(prompts, pad_id)[0].sum()))  # seeded by the padded batch
     vocab = model.get_output_embeddings().weight.shape[0]
-    out = torch.full((prompt_ids.shape[0], max_new_tokens), pad_id, dtype=torch.long)
-    for b in range(prompt_ids.shape[0]):
+    out = torch.full((len(prompts), max_new_tokens), pad_id, dtype=torch.long)
+    for b in range(len(prompts)):
         n = min(LENGTHS[b % len(LENGTHS)], max_new_tokens)
         ids = torch.randint(0, vocab, (n,), generator=gen)
         ids = torch.where(torch.isin(ids, torch.tensor(eos_ids)), 7, ids)
         ids[-1] = eos_ids[0] if n < max_new_tokens else ids[-1]
         out[b, :n] = ids
-    return out.to(prompt_ids.device)
+    return out.to(next(model.parameters()).device)
 
 
 def _one_step(model, tok, variant, cache_dir, monkeypatch, fused: bool):

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from unisd_components.chat import encode_prompt
-from unisd_components.scoring import pad_left
+from unisd_components.lora import adapters_folded
+from unisd_components.prefill import generate_bucketed
 
 __all__ = ["generate_texts", "greedy_kwargs", "sampling_kwargs", "stated_decoding"]
 
@@ -102,7 +103,9 @@ def generate_texts(
 ) -> list[str]:
     """One completion per message list, decoded without special tokens. ``temperature=0``: greedy.
 
-    Prompts are batched in order of length (returned in the caller's order), so a batch pads little.
+    Prompts are batched in order of length (returned in the caller's order), each batch prefilled in
+    groups of similar length (:func:`unisd_components.prefill.generate_bucketed`); a LoRA model generates
+    with its adapter folded into its weights (:func:`unisd_components.lora.adapters_folded`).
     """
     if not message_lists:
         return []
@@ -116,19 +119,22 @@ def generate_texts(
     outputs: list[str] = []
     try:
         model.eval()
-        with torch.random.fork_rng(devices=fork_devices), torch.inference_mode(), stated_decoding(model):
+        with (
+            torch.random.fork_rng(devices=fork_devices),
+            torch.inference_mode(),
+            stated_decoding(model),
+            adapters_folded(model),
+        ):
             torch.manual_seed(seed)
             for start in range(0, len(prompts), batch_size):
-                ids, mask = pad_left([prompts[i] for i in order[start : start + batch_size]], pad_id)
-                generated = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
+                new_tokens = generate_bucketed(
+                    model,
+                    [prompts[i] for i in order[start : start + batch_size]],
+                    pad_id=pad_id,
                     max_new_tokens=max_new_tokens,
-                    pad_token_id=pad_id,
                     use_cache=True,
                     **decoding,
                 )
-                new_tokens = generated[:, ids.shape[1] :]
                 outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     finally:
         model.train(was_training)

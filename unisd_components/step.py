@@ -3,7 +3,8 @@
 Read top to bottom, a distillation micro-step is:
 
 1. **generation**: sample one completion per prompt from the student (``generate`` with the KV cache,
-   one left-padded batch, eval mode, no gradient, pure temperature sampling: no top-k/top-p, so the
+   prompts prefilled in groups of similar length then decoded as one batch, a LoRA adapter folded into
+   the weights, eval mode, no gradient, pure temperature sampling: no top-k/top-p, so the
    samples are on-policy for the distribution the loss is computed at); or, when the trainer is given a
    generation engine (:mod:`unisd_components.vllm_engine`), the same rule in vLLM, from the current
    weights pushed into it once per optimizer step: the engine only proposes tokens, every log-prob of
@@ -39,7 +40,9 @@ from unisd_components.config import TrainingConfig, VariantConfig
 from unisd_components.divergence import token_divergence
 from unisd_components.fused_loss import FusedScores, HeadWeights, fused_head_scores, head_weights
 from unisd_components.generation import sampling_kwargs, stated_decoding
+from unisd_components.lora import adapters_folded
 from unisd_components.losses import masked_sequence_means, sequence_weighted_mean, weighted_sequence_mean
+from unisd_components.prefill import generate_bucketed
 from unisd_components.registry import Component, StepScores
 from unisd_components.scoring import completion_hidden, completion_logps, pad_left, sampled_token_logps
 from unisd_components.teachers import TeacherWeights
@@ -122,33 +125,36 @@ def completion_mask(tokens: torch.Tensor, eos_ids: Sequence[int], skip_first: in
 
 def sample_completions(
     model: nn.Module,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
+    prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
     temperature: float,
     pad_id: int,
     eos_ids: Sequence[int],
 ) -> torch.Tensor:
-    """One sampled completion per left-padded prompt: ``[B,T]`` (padded after EOS with ``pad_id``)."""
+    """One sampled completion per prompt (token lists): ``[B,T]``, padded after EOS with ``pad_id``.
+
+    The prompts are prefilled in groups of similar length (:func:`unisd_components.prefill.generate_bucketed`)
+    and a LoRA student samples with its adapter folded into its weights
+    (:func:`unisd_components.lora.adapters_folded`): the same distribution, fewer operations.
+    """
     was_training = model.training
     model.eval()
     try:
         # Samples from p_theta at the temperature and nothing else (unisd-method.md section 5): whatever
         # the checkpoint's generation_config ships (repetition penalty, n-gram blocking ...) stays out.
-        with torch.no_grad(), stated_decoding(model):
-            out = model.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
+        with torch.no_grad(), stated_decoding(model), adapters_folded(model):
+            return generate_bucketed(
+                model,
+                prompts,
+                pad_id=pad_id,
                 **sampling_kwargs(temperature),
                 max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
                 eos_token_id=list(eos_ids),
                 use_cache=True,
             )
     finally:
         model.train(was_training)
-    return out[:, prompt_ids.shape[1] :].clone()
 
 
 @dataclass
@@ -301,7 +307,7 @@ class StepRunner:
             rows.batch_index += list(range(B))
             temps += [self.tau] * B
         T = completion.shape[1]
-        with torch.no_grad(), self._autocast(), self.teacher.active() as module:
+        with torch.no_grad(), self._autocast(), self.teacher.active() as module, adapters_folded(module):
             hidden = self._row_hidden(module, rows, completion, lengths)
             if self.fused:  # the hidden states and the head; the logits are built chunk by chunk later
                 teacher_logps = (hidden[:B], head_weights(module, detach=True))
@@ -319,7 +325,7 @@ class StepRunner:
         if base_first is not None:
             base_logps = extra_logps[base_first - B :]
         elif self.base is not None:
-            with torch.no_grad(), self._autocast(), self.base.active() as module:
+            with torch.no_grad(), self._autocast(), self.base.active() as module, adapters_folded(module):
                 hidden = self._row_hidden(module, _Rows(prompts, list(range(B))), completion, lengths)
                 base_logps = sampled_token_logps(module, hidden, completion, self.tau)
         return teacher_logps, teacher_hidden, context_logps, base_logps
@@ -368,11 +374,9 @@ class StepRunner:
                 lengths = completion_mask(completion, self.eos_ids).sum(-1).tolist()
                 mask = completion_mask(completion, self.eos_ids, self.training.skip_first_tokens)
             elif on_policy:
-                prompt_ids, prompt_mask = pad_left(prompts, self.pad_id)
                 completion = sample_completions(
                     self.model,
-                    prompt_ids.to(self.device),
-                    prompt_mask.to(self.device),
+                    prompts,
                     max_new_tokens=self.training.max_completion_tokens,
                     temperature=self.training.temperature,
                     pad_id=self.pad_id,

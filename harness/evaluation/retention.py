@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import math
 import weakref
 from collections.abc import Sequence
@@ -36,11 +35,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaForCausalLM
 
 from unisd_components.cache import read_json, write_json_atomic
 from unisd_components.chat import encode_prompt, render_prompt
 from unisd_components.generation import greedy_kwargs, stated_decoding
+from unisd_components.lora import adapters_folded
+from unisd_components.prefill import CACHE_KWARG, forward_overhead_tokens, generate_bucketed, length_buckets
 
 __all__ = ["greedy_completions", "ppl_fit", "render_prompt", "retention", "score_completions"]
 
@@ -77,12 +77,6 @@ def _left_padded(
             mask[row, width - len(seq) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
-
-
-# transformers renamed the forward's ``past_key_values`` to ``cache`` (the old name goes in 5.40).
-_CACHE_KWARG = (
-    "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-)
 
 
 # The base model's prompt forward (last-position logits and KV cache) per batch of prompts, kept for the
@@ -166,7 +160,7 @@ def _completion_logprobs(
                 input_ids=cont.to(device),
                 attention_mask=torch.cat([mask, cont_mask.to(device)], dim=-1),
                 position_ids=lengths + torch.arange(width, device=device)[None, :],
-                **{_CACHE_KWARG: set_cache},
+                **{CACHE_KWARG: set_cache},
                 use_cache=True,
             ).logits.float()
         rows = []
@@ -187,6 +181,13 @@ def _batches(order: list[int], batch_size: int):
         yield order[start : start + batch_size]
 
 
+def _length_groups(model, rows: list[int], lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """``rows`` in groups of at most ``batch_size`` of similar ``lengths[row]`` (little padding)."""
+    overhead = forward_overhead_tokens(_device(model))
+    groups = length_buckets([lengths[r] for r in rows], overhead, max_rows=batch_size)
+    return [[rows[i] for i in group] for group in groups]
+
+
 @torch.inference_mode()
 def score_completions(
     model,
@@ -200,15 +201,14 @@ def score_completions(
     """Per-completion token log-probabilities under ``model``, and optionally the JSD to ``other_model``.
 
     Returns ``{"token_logprobs": [tensor [n_i]] per row, "jsd": [tensor [n_i]] per row or None}``; rows
-    with an empty completion get empty tensors. Batches are formed over rows sorted by length.
+    with an empty completion get empty tensors. Rows are batched in groups of similar prompt length.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     n_rows = len(prompts)
     token_logprobs: list[torch.Tensor] = [torch.zeros(0)] * n_rows
     jsd: list[torch.Tensor] | None = [torch.zeros(0)] * n_rows if other_model is not None else None
     rows = [i for i in range(n_rows) if len(completions[i]) > 0]
-    rows.sort(key=lambda i: len(prompts[i]) + len(completions[i]))
-    for batch in _batches(rows, batch_size):
+    for batch in _length_groups(model, rows, [len(p) for p in prompts], batch_size):
         batch_prompts = [prompts[i] for i in batch]
         batch_completions = [completions[i] for i in batch]
         (logps,) = _completion_logprobs(model, batch_prompts, [batch_completions], pad_id)
@@ -245,17 +245,17 @@ def greedy_completions(
     out: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for batch in _batches(order, batch_size):
-        ids, mask, _ = _left_padded([prompts[i] for i in batch], pad_id, _device(model))
-        with stated_decoding(model):  # greedy under one stated rule, whatever the model ships
-            generated = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+        # greedy under one stated rule, whatever the model ships; prompts prefilled in length groups
+        with stated_decoding(model), adapters_folded(model):
+            generated = generate_bucketed(
+                model,
+                [prompts[i] for i in batch],
+                pad_id=pad_id,
                 max_new_tokens=max_new_tokens,
                 **greedy_kwargs(),
-                pad_token_id=pad_id,
             )
         for k, row in enumerate(batch):
-            tokens = generated[k, ids.shape[1] :].tolist()
+            tokens = generated[k].tolist()
             cut = next((j for j, t in enumerate(tokens) if t in eos), len(tokens))
             out[row] = tokens[:cut]
     return out
@@ -364,9 +364,8 @@ def _scores_by_set(
     n_rows = len(prompts)
     model_lp = [[torch.zeros(0)] * n_rows for _ in sets]
     base_lp, jsd = [torch.zeros(0)] * n_rows, [torch.zeros(0)] * n_rows
-    order = sorted(range(n_rows), key=lambda i: len(prompts[i]))
     base_fingerprint = None if model is base_model else model_fingerprint(base_model)
-    for batch in _batches(order, batch_size):
+    for batch in _length_groups(model, list(range(n_rows)), [len(p) for p in prompts], batch_size):
         batch_prompts = [prompts[i] for i in batch]
         batch_sets = [[s[i] for i in batch] for s in sets]
         ours = _completion_logprobs(model, batch_prompts, batch_sets, pad_id)
