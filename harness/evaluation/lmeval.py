@@ -36,6 +36,7 @@ from harness.evaluation.quiet_git import silence_lm_eval_git
 from harness.jsonable import jsonable
 from harness.metric_names import normalise_metric_name
 from unisd_components.generation import stated_decoding
+from unisd_components.lora import adapters_folded
 
 __all__ = [
     "SCORINGS",
@@ -327,11 +328,12 @@ def evaluate_model(
         ``mean.acc``, ``ppl_fit``, ``ppl_ret``, ``ret_jsd``, ``ppl_ret_reverse``.
     """
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
+    import torch
     from lm_eval.tasks import TaskManager
 
     from harness.data import load_benchmark
     from harness.evaluation import retention as retention_mod
+    from harness.evaluation.hf_lm import BucketedHFLM
 
     start = time.perf_counter()
     if not benchmarks:
@@ -354,7 +356,9 @@ def evaluate_model(
         engine.load_policy(model)
         lm = EngineLM(engine, tokenizer, batch_size="auto", max_gen_toks=max_gen_tokens)
     else:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_gen_toks=max_gen_tokens)
+        lm = BucketedHFLM(
+            pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_gen_toks=max_gen_tokens
+        )
     task_manager = TaskManager(
         include_path=task_paths(),
         include_defaults=False,
@@ -367,7 +371,9 @@ def evaluate_model(
     )
     chat = bool(getattr(tokenizer, "chat_template", None))
     silence_lm_eval_git()  # no "fatal: not a git repository" outside a checkout
-    with stated_decoding(model):  # greedy under one stated rule: no generation_config option leaks in
+    # Greedy under one stated rule (no generation_config option leaks in); a LoRA model (an evaluation
+    # during training) runs with its adapter folded into its weights.
+    with torch.no_grad(), stated_decoding(model), adapters_folded(model):
         results = lm_eval.simple_evaluate(
             model=lm,
             tasks=list(tasks),
