@@ -87,3 +87,21 @@ def test_caches_that_are_not_plain_keep_one_padded_prefill():
     sliding = DynamicCache(ddp_cache_data=[(keys, keys), (keys, keys, torch.tensor(2))])
     assert isinstance(sliding.layers[1], DynamicSlidingWindowLayer)
     assert _plain_cache_layers(sliding) is None
+
+
+def test_growing_cache_layer_writes_in_place_and_grows():
+    from unisd_components.prefill import _growing_layer_class
+
+    keys = torch.randn(2, 3, 4, 5)
+    values = torch.randn(2, 3, 4, 5)
+    layer = _growing_layer_class()(keys, values, capacity=6)
+    storage = layer.keys.data_ptr()
+    step = torch.randn(2, 3, 1, 5)
+    k, v = layer.update(step, step + 1)
+    assert k.data_ptr() == storage  # no copy of the cache for a decoding step
+    torch.testing.assert_close(k, torch.cat([keys, step], dim=-2), rtol=0, atol=0)
+    torch.testing.assert_close(v, torch.cat([values, step + 1], dim=-2), rtol=0, atol=0)
+    more = torch.randn(2, 3, 3, 5)
+    k, _ = layer.update(more, more)  # past the room: grows, keeps everything
+    torch.testing.assert_close(k, torch.cat([keys, step, more], dim=-2), rtol=0, atol=0)
+    assert layer.get_seq_length() == 8
