@@ -258,3 +258,31 @@ def test_base_prompt_forward_is_reused_across_trials_with_the_same_numbers(tiny_
     fresh = retention(other, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path, batch_size=2)
     assert again == fresh
     assert first != again
+
+
+def test_retention_scores_from_the_evaluations_own_prefill_with_the_same_numbers(tiny_model_and_tokenizer, tmp_path):
+    """Quickstart time: the evaluated model's prompts, prefilled by its generation (prefills_kept), are
+    not run again by retention, and the metrics are those a fresh prompt forward gives."""
+    from unisd_components.prefill import generate_bucketed, prefills_kept
+
+    base, tok = tiny_model_and_tokenizer
+    model = _perturbed(base)
+    examples = _examples()
+    prompts = [_prompt_ids(tok, ex) for ex in examples]
+    completions = greedy_completions(model, tok, prompts, max_new_tokens=5, batch_size=3)
+    kwargs = dict(max_new_tokens=5, cache_dir=tmp_path, batch_size=2, completions=completions, with_ppl_fit=True)
+    widths: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        fresh = retention(model, base, tok, examples, **kwargs)
+        fresh_calls = len(widths)  # per group of prompts: one prompt pass, one continuation per set (3)
+        with prefills_kept(model):
+            # A longer prompt that starts with every prompt (MBPP's prefilled code fence): a prefix serves.
+            generate_bucketed(model, [p + [7, 8] for p in prompts], pad_id=0, max_new_tokens=1, do_sample=False)
+            widths.clear()
+            reused = retention(model, base, tok, examples, **kwargs)
+    finally:
+        hook.remove()
+    assert fresh_calls % 4 == 0 and len(widths) == fresh_calls // 4 * 3  # continuations only, no prompt pass
+    for key, value in fresh.items():
+        assert reused[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key

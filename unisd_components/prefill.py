@@ -20,7 +20,9 @@ Example::
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -28,7 +30,15 @@ from transformers import LlamaForCausalLM
 
 from unisd_components.scoring import pad_left
 
-__all__ = ["CACHE_KWARG", "forward_overhead_tokens", "generate_bucketed", "length_buckets"]
+__all__ = [
+    "CACHE_KWARG",
+    "cache_from_rows",
+    "forward_overhead_tokens",
+    "generate_bucketed",
+    "kept_prefill",
+    "length_buckets",
+    "prefills_kept",
+]
 
 # transformers renamed ``past_key_values`` (forward and generate) to ``cache``; the old name goes in 6.0.
 CACHE_KWARG = (
@@ -159,10 +169,59 @@ def _assembled_cache(
             keys.append(torch.nn.functional.pad(k, (0, 0, missing, 0)))  # left-pad the time axis with zeros
             values.append(torch.nn.functional.pad(v, (0, 0, missing, 0)))
         data.append((torch.cat(keys), torch.cat(values)))
+    kept = _KEPT.get(model)
+    if kept is not None:
+        rows = [row for group in groups for row in group]
+        for r, row in enumerate(rows):
+            n = len(row) - 1
+            if n > 0:
+                kept[tuple(row[:-1])] = [(k[r, :, width - 1 - n :].clone(), v[r, :, width - 1 - n :].clone()) for k, v in data]
     growing = _growing_layer_class()
     cache = DynamicCache()
     cache.layers = [growing(k, v, capacity) for k, v in data]
     return cache
+
+
+# Per model: each generated prompt's KV over all its tokens but the last, while prefills_kept() is open.
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def prefills_kept(model: nn.Module) -> Iterator[None]:
+    """While inside, :func:`generate_bucketed` on ``model`` keeps every prompt's prefill (the KV of all its
+    tokens but the last) for :func:`kept_prefill`; dropped on exit. ``model``'s weights must not change
+    inside (an evaluation: generate, then score the same prompts)."""
+    _KEPT[model] = {}
+    try:
+        yield
+    finally:
+        _KEPT.pop(model, None)
+
+
+def kept_prefill(model: nn.Module, tokens: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per layer ``(keys, values)`` ``[H, len(tokens), D]`` of ``tokens`` under ``model``, cut from a kept
+    prefill that starts with them (a position's KV depends only on the tokens up to it); None if none."""
+    kept = _KEPT.get(model)
+    if not kept or not tokens:
+        return None
+    key = tuple(tokens)
+    n = len(key)
+    for stored, layers in kept.items():
+        if len(stored) >= n and stored[:n] == key:
+            return [(k[:, :n], v[:, :n]) for k, v in layers]
+    return None
+
+
+def cache_from_rows(rows: Sequence[list[tuple[torch.Tensor, torch.Tensor]]], width: int):
+    """A left-padded ``DynamicCache`` over ``width`` positions from per-row ``(keys, values)`` lists."""
+    from transformers.cache_utils import DynamicCache
+
+    data = []
+    for layer in range(len(rows[0])):
+        keys = [torch.nn.functional.pad(row[layer][0], (0, 0, width - row[layer][0].shape[-2], 0)) for row in rows]
+        values = [torch.nn.functional.pad(row[layer][1], (0, 0, width - row[layer][1].shape[-2], 0)) for row in rows]
+        data.append((torch.stack(keys), torch.stack(values)))
+    return DynamicCache(ddp_cache_data=data)
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ from harness.jsonable import jsonable
 from harness.metric_names import normalise_metric_name
 from unisd_components.generation import stated_decoding
 from unisd_components.lora import adapters_folded
+from unisd_components.prefill import prefills_kept
 
 __all__ = [
     "SCORINGS",
@@ -350,92 +351,94 @@ def evaluate_model(
     # lm-eval warns on every call about in-memory models and task metadata, which is how we use it on
     # purpose; its progress bars stay.
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    if engine is not None:
-        from harness.evaluation.vllm_lm import EngineLM
+    # The evaluated model's prompts, prefilled for its generation, serve retention's scoring too.
+    with prefills_kept(model):
+        if engine is not None:
+            from harness.evaluation.vllm_lm import EngineLM
 
-        engine.load_policy(model)
-        lm = EngineLM(engine, tokenizer, batch_size="auto", max_gen_toks=max_gen_tokens)
-    else:
-        lm = BucketedHFLM(
-            pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_gen_toks=max_gen_tokens
+            engine.load_policy(model)
+            lm = EngineLM(engine, tokenizer, batch_size="auto", max_gen_toks=max_gen_tokens)
+        else:
+            lm = BucketedHFLM(
+                pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_gen_toks=max_gen_tokens
+            )
+        task_manager = TaskManager(
+            include_path=task_paths(),
+            include_defaults=False,
+            metadata={
+                "limit": limit,
+                "seed": seed,
+                "split": split,
+                "data_dir": str(data_dir) if data_dir is not None else None,
+            },
         )
-    task_manager = TaskManager(
-        include_path=task_paths(),
-        include_defaults=False,
-        metadata={
-            "limit": limit,
-            "seed": seed,
-            "split": split,
-            "data_dir": str(data_dir) if data_dir is not None else None,
-        },
-    )
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    silence_lm_eval_git()  # no "fatal: not a git repository" outside a checkout
-    # Greedy under one stated rule (no generation_config option leaks in); a LoRA model (an evaluation
-    # during training) runs with its adapter folded into its weights.
-    with torch.no_grad(), stated_decoding(model), adapters_folded(model):
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            task_manager=task_manager,
-            log_samples=True,
-            use_cache=str(output_dir / "lm_eval_cache" / "responses"),
-            apply_chat_template=chat,
-            gen_kwargs={"max_gen_toks": max_gen_tokens, "do_sample": False},
-            bootstrap_iters=0,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
-    if engine is not None:
-        engine.sleep()  # CUDA: retention, PPL fit and the next training get the engine's memory back
-    metrics = normalise_metrics(results["results"], tasks)
-    samples = results.get("samples", {})
-    metrics.update(question_errors(samples, tasks))
-    samples_path = output_dir / "samples.jsonl"
-    if _write_samples(samples_path, samples, tasks) == 0:
-        samples_path = None
+        chat = bool(getattr(tokenizer, "chat_template", None))
+        silence_lm_eval_git()  # no "fatal: not a git repository" outside a checkout
+        # Greedy under one stated rule (no generation_config option leaks in); a LoRA model (an evaluation
+        # during training) runs with its adapter folded into its weights.
+        with torch.no_grad(), stated_decoding(model), adapters_folded(model):
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                task_manager=task_manager,
+                log_samples=True,
+                use_cache=str(output_dir / "lm_eval_cache" / "responses"),
+                apply_chat_template=chat,
+                gen_kwargs={"max_gen_toks": max_gen_tokens, "do_sample": False},
+                bootstrap_iters=0,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
+        if engine is not None:
+            engine.sleep()  # CUDA: retention, PPL fit and the next training get the engine's memory back
+        metrics = normalise_metrics(results["results"], tasks)
+        samples = results.get("samples", {})
+        metrics.update(question_errors(samples, tasks))
+        samples_path = output_dir / "samples.jsonl"
+        if _write_samples(samples_path, samples, tasks) == 0:
+            samples_path = None
 
-    if ppl_fit or (retention and base_model is not None):
-        examples = [
-            ex
-            for b in benchmarks
-            for ex in load_benchmark(b, split, data_dir=data_dir, limit=limit, seed=seed)
-        ]
-        with_retention = retention and base_model is not None
-        if ppl_fit and not with_retention:
-            metrics["ppl_fit"] = retention_mod.ppl_fit(model, tokenizer, examples, batch_size=batch_size)
-        if with_retention:
-            texts = _generated_completions(samples, tasks, examples)
-            completions = (
-                [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-                if texts is not None
-                else None
-            )
-            base_completions = None
-            if completions is not None:
-                settings = dict(
-                    split=split, limit=limit, batch_size=batch_size, data_dir=data_dir, seed=seed,
-                    scoring=scoring, max_gen_tokens=max_gen_tokens,
-                )  # fmt: skip
-                base_completions = _base_completions(
-                    model, base_model, tokenizer, benchmarks, examples, completions, cache_dir, settings
+        if ppl_fit or (retention and base_model is not None):
+            examples = [
+                ex
+                for b in benchmarks
+                for ex in load_benchmark(b, split, data_dir=data_dir, limit=limit, seed=seed)
+            ]
+            with_retention = retention and base_model is not None
+            if ppl_fit and not with_retention:
+                metrics["ppl_fit"] = retention_mod.ppl_fit(model, tokenizer, examples, batch_size=batch_size)
+            if with_retention:
+                texts = _generated_completions(samples, tasks, examples)
+                completions = (
+                    [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+                    if texts is not None
+                    else None
                 )
-            metrics.update(
-                retention_mod.retention(
-                    model,
-                    base_model,
-                    tokenizer,
-                    examples,
-                    max_new_tokens=max_gen_tokens,
-                    cache_dir=cache_dir,
-                    batch_size=batch_size,
-                    completions=completions,
-                    with_ppl_fit=ppl_fit,  # the gold demonstrations share the prompts' forward pass
-                    base_completions=base_completions,
+                base_completions = None
+                if completions is not None:
+                    settings = dict(
+                        split=split, limit=limit, batch_size=batch_size, data_dir=data_dir, seed=seed,
+                        scoring=scoring, max_gen_tokens=max_gen_tokens,
+                    )  # fmt: skip
+                    base_completions = _base_completions(
+                        model, base_model, tokenizer, benchmarks, examples, completions, cache_dir, settings
+                    )
+                metrics.update(
+                    retention_mod.retention(
+                        model,
+                        base_model,
+                        tokenizer,
+                        examples,
+                        max_new_tokens=max_gen_tokens,
+                        cache_dir=cache_dir,
+                        batch_size=batch_size,
+                        completions=completions,
+                        with_ppl_fit=ppl_fit,  # the gold demonstrations share the prompts' forward pass
+                        base_completions=base_completions,
+                    )
                 )
-            )
     seconds = time.perf_counter() - start
     (output_dir / "metrics.json").write_text(json.dumps({"metrics": metrics, "seconds": seconds}, indent=2))
     return EvalResult(metrics=metrics, samples_path=samples_path, seconds=seconds)

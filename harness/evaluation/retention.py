@@ -40,7 +40,14 @@ from unisd_components.cache import read_json, write_json_atomic
 from unisd_components.chat import encode_prompt, render_prompt
 from unisd_components.generation import greedy_kwargs, stated_decoding
 from unisd_components.lora import adapters_folded
-from unisd_components.prefill import CACHE_KWARG, forward_overhead_tokens, generate_bucketed, length_buckets
+from unisd_components.prefill import (
+    CACHE_KWARG,
+    cache_from_rows,
+    forward_overhead_tokens,
+    generate_bucketed,
+    kept_prefill,
+    length_buckets,
+)
 
 __all__ = ["greedy_completions", "ppl_fit", "render_prompt", "retention", "score_completions"]
 
@@ -131,8 +138,15 @@ def _completion_logprobs(
     ids, mask, positions = _left_padded(prompts, pad_id, _device(model))
     key = (reuse_prefill, pad_id, tuple(tuple(p) for p in prompts)) if reuse_prefill else None
     kept = _PREFILLS.get(model, {}).get(key) if key is not None else None
+    rows_kv = None
+    if kept is None and all(len(p) > 1 for p in prompts):
+        rows_kv = [kept_prefill(model, list(p)[:-1]) for p in prompts]  # this evaluation's generation
+        rows_kv = None if any(r is None for r in rows_kv) else rows_kv
+    first = cache = None
     if kept is not None:
         first, cache = kept[0], copy.deepcopy(kept[1])
+    elif rows_kv is not None:  # every set's continuation starts with the prompt's last token
+        cache = cache_from_rows(rows_kv, ids.shape[1] - 1)
     else:
         out = model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
@@ -144,33 +158,41 @@ def _completion_logprobs(
     lengths = mask.sum(-1, keepdim=True)
     results: list[list[torch.Tensor]] = []
     for index, completions in enumerate(completion_sets):
-        width = max((len(c) for c in completions), default=0) - 1  # the last token predicts nothing
+        # With a prompt cache short of the last prompt token, the continuation feeds that token first.
+        lead = [[] for _ in prompts] if first is not None else [[list(p)[-1]] for p in prompts]
+        feeds = [lead[row] + list(c)[:-1] for row, c in enumerate(completions)]  # the last token predicts nothing
+        width = max((len(f) for f in feeds), default=0)
         rest = None
         if width > 0:
             cont = torch.full((len(prompts), width), pad_id, dtype=torch.long)
             cont_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-            for row, completion in enumerate(completions):
-                if len(completion) > 1:
-                    cont[row, : len(completion) - 1] = torch.tensor(list(completion)[:-1], dtype=torch.long)
-                    cont_mask[row, : len(completion) - 1] = 1
+            for row, feed in enumerate(feeds):
+                if feed:
+                    cont[row, : len(feed)] = torch.tensor(feed, dtype=torch.long)
+                    cont_mask[row, : len(feed)] = 1
             device = ids.device
             # The cache grows in place: every set but the last continues from a copy of the prompt's.
             set_cache = cache if index == len(completion_sets) - 1 else copy.deepcopy(cache)
+            past_mask = mask if first is not None else mask[:, :-1]
+            start = lengths if first is not None else lengths - 1
             rest = model(
                 input_ids=cont.to(device),
-                attention_mask=torch.cat([mask, cont_mask.to(device)], dim=-1),
-                position_ids=lengths + torch.arange(width, device=device)[None, :],
+                attention_mask=torch.cat([past_mask, cont_mask.to(device)], dim=-1),
+                position_ids=start + torch.arange(width, device=device)[None, :],
                 **{CACHE_KWARG: set_cache},
                 use_cache=True,
             ).logits.float()
         rows = []
         for row, completion in enumerate(completions):
             n = len(completion)
-            logits = (
-                first[row : row + 1]
-                if rest is None
-                else torch.cat([first[row : row + 1], rest[row, : n - 1]])
-            )
+            if first is None:
+                logits = rest[row, :n] if rest is not None else torch.zeros((0, 1))
+            else:
+                logits = (
+                    first[row : row + 1]
+                    if rest is None
+                    else torch.cat([first[row : row + 1], rest[row, : n - 1]])
+                )
             rows.append(F.log_softmax(logits[:n], dim=-1))
         results.append(rows)
     return results
