@@ -286,3 +286,32 @@ def test_retention_scores_from_the_evaluations_own_prefill_with_the_same_numbers
     assert fresh_calls % 4 == 0 and len(widths) == fresh_calls // 4 * 3  # continuations only, no prompt pass
     for key, value in fresh.items():
         assert reused[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def test_the_base_trials_own_prefill_serves_the_later_trials(tiny_model_and_tokenizer, tmp_path):
+    """The base trial scores from its generation's prefill and keeps it; a trained trial's retention then
+    runs no prompt pass of the base model, with the numbers a fresh computation gives."""
+    from harness.evaluation import retention as retention_mod
+    from unisd_components.prefill import generate_bucketed, prefills_kept
+
+    base, tok = tiny_model_and_tokenizer
+    examples = _examples()
+    prompts = [_prompt_ids(tok, ex) for ex in examples]
+    other = _perturbed(base)
+    retention_mod._PREFILLS.clear()
+    with prefills_kept(base):
+        generate_bucketed(base, prompts, pad_id=0, max_new_tokens=1, do_sample=False)
+        retention(base, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path, batch_size=2)
+    assert retention_mod._PREFILLS.get(base)  # kept for the later trials
+    widths: list[int] = []
+    hook = base.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        reused = retention(other, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path, batch_size=2)
+    finally:
+        hook.remove()
+    prompt_width = min(len(p) for p in prompts)
+    assert widths and not any(w >= prompt_width for w in widths)  # continuations only
+    retention_mod._PREFILLS.clear()
+    fresh = retention(other, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path, batch_size=2)
+    for key, value in fresh.items():
+        assert reused[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key

@@ -108,13 +108,15 @@ def _cache_bytes(cache) -> int | None:
     return total
 
 
-def _keep_prefill(model, key, first: torch.Tensor, cache) -> None:
+def _keep_prefill(model, key, first: torch.Tensor | None, cache) -> None:
+    """Keep ``(first, cache)``; ``first`` None: the cache stops before the prompts' last token."""
     size = _cache_bytes(cache)
     if size is None:
         return
+    size += 0 if first is None else int(first.numel() * first.element_size())
     kept = _PREFILLS.setdefault(model, {})
-    used = sum(int(f.numel() * f.element_size()) + b for f, _, b in kept.values())
-    if used + size + first.numel() * first.element_size() <= _PREFILL_BUDGET_BYTES:
+    used = sum(b for _, _, b in kept.values())
+    if used + size <= _PREFILL_BUDGET_BYTES:
         kept[key] = (first, copy.deepcopy(cache), size)
 
 
@@ -147,6 +149,8 @@ def _completion_logprobs(
         first, cache = kept[0], copy.deepcopy(kept[1])
     elif rows_kv is not None:  # every set's continuation starts with the prompt's last token
         cache = cache_from_rows(rows_kv, ids.shape[1] - 1)
+        if key is not None:
+            _keep_prefill(model, key, None, cache)
     else:
         out = model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
@@ -386,12 +390,14 @@ def _scores_by_set(
     n_rows = len(prompts)
     model_lp = [[torch.zeros(0)] * n_rows for _ in sets]
     base_lp, jsd = [torch.zeros(0)] * n_rows, [torch.zeros(0)] * n_rows
-    base_fingerprint = None if model is base_model else model_fingerprint(base_model)
+    base_fingerprint = model_fingerprint(base_model)  # the base trial keeps its prompts' pass for the others
     for batch in _length_groups(model, list(range(n_rows)), [len(p) for p in prompts], batch_size):
         batch_prompts = [prompts[i] for i in batch]
         batch_sets = [[s[i] for i in batch] for s in sets]
-        ours = _completion_logprobs(model, batch_prompts, batch_sets, pad_id)
         same = model is base_model
+        ours = _completion_logprobs(
+            model, batch_prompts, batch_sets, pad_id, reuse_prefill=base_fingerprint if same else None
+        )
         base = (
             ours[0]
             if same
