@@ -11,7 +11,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from unisd_components.generation import greedy_kwargs
-from unisd_components.prefill import _plain_cache_layers, generate_bucketed, length_buckets
+from unisd_components.prefill import generate_bucketed, length_buckets, plain_cache_layers
 from unisd_components.scoring import pad_left
 
 
@@ -83,10 +83,10 @@ def test_caches_that_are_not_plain_keep_one_padded_prefill():
     keys = torch.zeros(1, 2, 3, 4)
     plain = DynamicCache(ddp_cache_data=[(keys, keys), (keys, keys)])
     assert all(type(layer) is DynamicLayer for layer in plain.layers)
-    assert _plain_cache_layers(plain) is not None
+    assert plain_cache_layers(plain) is not None
     sliding = DynamicCache(ddp_cache_data=[(keys, keys), (keys, keys, torch.tensor(2))])
     assert isinstance(sliding.layers[1], DynamicSlidingWindowLayer)
-    assert _plain_cache_layers(sliding) is None
+    assert plain_cache_layers(sliding) is None
 
 
 def test_growing_cache_layer_writes_in_place_and_grows():

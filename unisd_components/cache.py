@@ -67,6 +67,21 @@ def dataset_fingerprint(examples: Iterable[Any]) -> str:
     return digest.hexdigest()[:16]
 
 
+def tensors_fingerprint(named_tensors: Iterable[tuple[str, Any]], salt: str = "") -> str:
+    """A short hash of named tensors' values: a strided sample of up to 256 elements of each (cheap even
+    for a 7B model), so caches keyed on it follow the weights."""
+    import torch
+
+    digest = hashlib.sha256(salt.encode())
+    with torch.no_grad():
+        for name, tensor in named_tensors:
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu()
+            digest.update(name.encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

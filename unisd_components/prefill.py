@@ -33,10 +33,13 @@ from unisd_components.scoring import pad_left
 __all__ = [
     "CACHE_KWARG",
     "cache_from_rows",
+    "context_prefix",
+    "keep_context_prefix",
     "forward_overhead_tokens",
     "generate_bucketed",
     "kept_prefill",
     "length_buckets",
+    "plain_cache_layers",
     "prefills_kept",
 ]
 
@@ -84,7 +87,7 @@ def length_buckets(
     return groups[::-1]
 
 
-def _plain_cache_layers(cache) -> list | None:
+def plain_cache_layers(cache) -> list | None:
     """The cache's per-layer (keys, values) when every layer is a plain growing layer; else None."""
     from transformers.cache_utils import DynamicLayer
 
@@ -156,7 +159,7 @@ def _assembled_cache(
             use_cache=True,
             logits_to_keep=1,
         )
-        layers = _plain_cache_layers(out.past_key_values)
+        layers = plain_cache_layers(out.past_key_values)
         if layers is None:
             return None
         pieces.append(layers)
@@ -262,3 +265,32 @@ def generate_bucketed(
     out = torch.empty_like(new_tokens)
     out[torch.tensor(order, device=new_tokens.device)] = new_tokens
     return out
+
+
+# Frozen weights' context prefixes across trials: (weights fingerprint, tokens) -> per-layer (keys, values)
+# ``[H, len(tokens), D]``. A frozen teacher scores the same demonstration contexts under the same base
+# weights in every trial of a process (SDFT, then each UniSD subset without EMA): their KV is computed once.
+_CONTEXT_PREFIXES: dict[tuple[str, tuple[int, ...]], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+_CONTEXT_PREFIX_BUDGET_BYTES = 1 << 30
+_context_prefix_bytes = 0
+
+
+def context_prefix(fingerprint: str, tokens: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The kept KV of ``tokens`` under the weights of ``fingerprint``; None if not kept."""
+    return _CONTEXT_PREFIXES.get((fingerprint, tuple(tokens)))
+
+
+def keep_context_prefix(
+    fingerprint: str, tokens: Sequence[int], layers: list[tuple[torch.Tensor, torch.Tensor]]
+) -> bool:
+    """Keep ``layers`` (cloned) for :func:`context_prefix` while the process's budget (1 GiB) allows."""
+    global _context_prefix_bytes
+    key = (fingerprint, tuple(tokens))
+    if key in _CONTEXT_PREFIXES:
+        return True
+    size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+    if _context_prefix_bytes + size > _CONTEXT_PREFIX_BUDGET_BYTES:
+        return False
+    _CONTEXT_PREFIXES[key] = [(k.clone(), v.clone()) for k, v in layers]
+    _context_prefix_bytes += size
+    return True

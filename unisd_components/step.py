@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from unisd_components import contexts
+from unisd_components.cache import tensors_fingerprint
 from unisd_components.chat import encode_prompt
 from unisd_components.config import TrainingConfig, VariantConfig
 from unisd_components.divergence import token_divergence
@@ -42,9 +43,24 @@ from unisd_components.fused_loss import FusedScores, HeadWeights, fused_head_sco
 from unisd_components.generation import sampling_kwargs, stated_decoding
 from unisd_components.lora import adapters_folded
 from unisd_components.losses import masked_sequence_means, sequence_weighted_mean, weighted_sequence_mean
-from unisd_components.prefill import generate_bucketed
+from unisd_components.prefill import (
+    CACHE_KWARG,
+    cache_from_rows,
+    context_prefix,
+    forward_overhead_tokens,
+    generate_bucketed,
+    keep_context_prefix,
+    length_buckets,
+    plain_cache_layers,
+)
 from unisd_components.registry import Component, StepScores
-from unisd_components.scoring import completion_hidden, completion_logps, pad_left, sampled_token_logps
+from unisd_components.scoring import (
+    completion_hidden,
+    completion_logps,
+    decoder_and_head,
+    pad_left,
+    sampled_token_logps,
+)
 from unisd_components.teachers import TeacherWeights
 
 __all__ = [
@@ -204,6 +220,9 @@ class StepRunner:
         # ``generate``; it holds the weights of optimizer step ``_engine_step`` (None: not pushed yet).
         self.engine = engine
         self._engine_step: int | None = None
+        # A frozen teacher (no EMA) keeps its contexts' KV across the process's trials (prefill module).
+        frozen = teacher is not None and not any(c.needs_ema_teacher for c in self.components)
+        self._frozen_fingerprint = _teacher_fingerprint(teacher, self.device) if frozen else None
 
     # ---- tokenization (cached: contexts never change during a run)
 
@@ -280,6 +299,80 @@ class StepRunner:
                 pieces[r] = hidden[i]
         return torch.stack([pieces[r] for r in range(len(full))])
 
+    def _row_hidden_after_kept_contexts(
+        self, module: nn.Module, rows: _Rows, completion: torch.Tensor, lengths: list[int], fingerprint: str
+    ) -> torch.Tensor:
+        """:meth:`_row_hidden` for frozen weights: each context's KV (all its tokens but the last) is kept
+        across trials (:func:`unisd_components.prefill.keep_context_prefix`), so a context already scored
+        under these weights costs only its completion. Same hidden states, up to float summation order."""
+        contexts_ = rows.contexts
+        if any(len(c) < 2 for c in contexts_):
+            return self._row_hidden(module, rows, completion, lengths)
+        decoder, _ = decoder_and_head(module)
+        budget = _TOKEN_BUDGET.get(self.device.type, _DEFAULT_TOKEN_BUDGET)
+        local: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        missing = []
+        for r, context in enumerate(contexts_):
+            kept = context_prefix(fingerprint, context[:-1])
+            if kept is None:
+                missing.append(r)
+            else:
+                local[r] = kept
+        overhead = forward_overhead_tokens(self.device)
+        for group in length_buckets([len(contexts_[r]) - 1 for r in missing], overhead, max_rows=None):
+            group_rows = [missing[i] for i in group]
+            width = max(len(contexts_[r]) - 1 for r in group_rows)
+            for start in range(0, len(group_rows), max(1, budget // width)):
+                chunk = group_rows[start : start + max(1, budget // width)]
+                ids, mask = pad_left([contexts_[r][:-1] for r in chunk], self.pad_id)
+                out = decoder(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
+                    use_cache=True,
+                )
+                layers = plain_cache_layers(out.past_key_values)
+                if layers is None:  # not a plain cache: score the whole rows as usual
+                    return self._row_hidden(module, rows, completion, lengths)
+                for i, r in enumerate(chunk):
+                    n = len(contexts_[r]) - 1
+                    local[r] = [(k[i, :, -n:], v[i, :, -n:]) for k, v in layers]
+                    keep_context_prefix(fingerprint, contexts_[r][:-1], local[r])
+        T = completion.shape[1]
+        tokens = completion.tolist()
+        out_hidden = None
+        order = sorted(range(len(contexts_)), key=lambda r: len(contexts_[r]))
+        width_cap = max(1, budget // (max(len(c) for c in contexts_) + T))
+        for start in range(0, len(order), width_cap):
+            chunk = order[start : start + width_cap]
+            width = max(len(contexts_[r]) - 1 for r in chunk)
+            cache = cache_from_rows([local[r] for r in chunk], width)
+            past_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            feed = torch.full((len(chunk), T), self.pad_id, dtype=torch.long)
+            feed_mask = torch.zeros((len(chunk), T), dtype=torch.long)
+            for i, r in enumerate(chunk):
+                n = len(contexts_[r]) - 1
+                past_mask[i, width - n :] = 1
+                b = rows.batch_index[r]
+                row = [contexts_[r][-1]] + tokens[b][: max(lengths[b], 1) - 1]
+                feed[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+                feed_mask[i, : len(row)] = 1
+            starts = torch.tensor([len(contexts_[r]) - 1 for r in chunk])[:, None]
+            hidden = decoder(
+                input_ids=feed.to(self.device),
+                attention_mask=torch.cat([past_mask, feed_mask], dim=-1).to(self.device),
+                position_ids=(starts + torch.arange(T)[None, :]).to(self.device),
+                use_cache=True,
+                **{CACHE_KWARG: cache},
+            ).last_hidden_state
+            valid = torch.arange(T)[None, :] < torch.tensor([lengths[rows.batch_index[r]] for r in chunk])[:, None]
+            hidden = torch.where(valid[..., None].to(hidden.device), hidden, torch.zeros((), dtype=hidden.dtype))
+            if out_hidden is None:
+                out_hidden = hidden.new_zeros((len(contexts_), T, hidden.shape[-1]))
+            out_hidden[torch.tensor(chunk, device=hidden.device)] = hidden
+        assert out_hidden is not None
+        return out_hidden
+
     def _teacher_pass(
         self, examples: Sequence[Any], prompts: list[list[int]], completion: torch.Tensor, lengths: list[int]
     ):
@@ -308,7 +401,12 @@ class StepRunner:
             temps += [self.tau] * B
         T = completion.shape[1]
         with torch.no_grad(), self._autocast(), self.teacher.active() as module, adapters_folded(module):
-            hidden = self._row_hidden(module, rows, completion, lengths)
+            if self._frozen_fingerprint is not None:
+                hidden = self._row_hidden_after_kept_contexts(
+                    module, rows, completion, lengths, self._frozen_fingerprint
+                )
+            else:
+                hidden = self._row_hidden(module, rows, completion, lengths)
             if self.fused:  # the hidden states and the head; the logits are built chunk by chunk later
                 teacher_logps = (hidden[:B], head_weights(module, detach=True))
             else:
@@ -504,6 +602,25 @@ class StepRunner:
     def gkd_on_policy(self, lmbda: float) -> bool:
         """GKD's coin: on-policy student samples with probability ``lmbda`` (seeded), else gold."""
         return self._policy_rng.random() < lmbda
+
+
+def _teacher_fingerprint(teacher: TeacherWeights, device: torch.device) -> str:
+    """A hash of everything the teacher's function depends on: architecture, device, the base weights and
+    the teacher's own adapter (names and dtypes included); other adapters are left out."""
+    from unisd_components.teachers import AdapterTeacher, DisabledAdapterTeacher
+
+    module = teacher.module
+    named = []
+    for name, param in module.named_parameters():
+        if "lora_" in name:
+            if isinstance(teacher, DisabledAdapterTeacher):
+                continue
+            if isinstance(teacher, AdapterTeacher) and f".{teacher.name}." not in name:
+                continue
+        named.append((f"{name}:{param.dtype}", param))
+    config = getattr(module, "config", None)
+    salt = f"{device.type}|{config.to_json_string(use_diff=False) if config is not None else type(module)}"
+    return tensors_fingerprint(named, salt=salt)
 
 
 def k3_to_reference(student_tok: torch.Tensor, ref_tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,6 @@ never re-tokenized. Empty completions are skipped (no tokens to score). Everythi
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import weakref
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from unisd_components.cache import read_json, write_json_atomic
+from unisd_components.cache import read_json, tensors_fingerprint, write_json_atomic
 from unisd_components.chat import encode_prompt, render_prompt
 from unisd_components.generation import greedy_kwargs, stated_decoding
 from unisd_components.lora import adapters_folded
@@ -319,14 +318,7 @@ def model_fingerprint(model) -> str:
 
     Hashes the config and a strided sample of every parameter tensor (cheap even for large models).
     """
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            flat = param.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu()
-            digest.update(name.encode())
-            digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return tensors_fingerprint(model.named_parameters(), salt=model.config.to_json_string(use_diff=False))
 
 
 def _cached_base_completions(
