@@ -14,7 +14,9 @@ Read top to bottom, a distillation micro-step is:
    then every component's extra contexts (K agreement contexts, the negative context) of which only
    the sampled-token log-probs are kept, and the KL-to-base reference rows when the base weights are
    the teacher's. Each row stops at its completion's EOS, and rows are sorted by length and cut into
-   chunks of a token budget, so little compute goes to padding;
+   chunks of a token budget, so little compute goes to padding. An EMA teacher runs with its adapter
+   folded into the weights; a frozen teacher keeps its contexts' KV for the process's later trials
+   (:func:`unisd_components.prefill.keep_context_prefix`), which then run only the completions;
 3. **student**: ``[prompt | completion]`` with gradient, LM head on completion positions only, the
    divergence, the components' weights and terms, each term checked for finiteness, then backward of
    ``loss / grad_accum``.
