@@ -34,7 +34,12 @@ from typing import Any
 __all__ = ["FoldedBar", "quiet_libraries", "trial_output"]
 
 # lm-eval's modules that draw bars while a model is scored (they import ``tqdm`` by name).
-_LM_EVAL_BAR_MODULES = ("lm_eval.api.model", "lm_eval.api.task", "lm_eval.models.huggingface")
+_LM_EVAL_BAR_MODULES = (
+    "lm_eval.api.model",
+    "lm_eval.api.task",
+    "lm_eval.models.huggingface",
+    "harness.evaluation.hf_lm",  # BucketedHFLM draws HFLM's generation bar itself
+)
 _LIBRARY_LOGGERS = (
     "transformers",
     "datasets",

@@ -59,8 +59,14 @@ def test_report_lands_in_the_output_dir_a_second_run_waits_its_turn_and_git_is_q
         assert first.poll() is None, first.communicate()[1][-3000:]
         assert time.time() < deadline, "the first run never created its store"
         time.sleep(0.2)
-    second = _harness("run", str(spec), "--output-dir", str(out), cwd=tmp_path)
-    _, err2 = second.communicate(timeout=300)
+    # The first run is paused while the second starts (a micro study can finish before a second Python
+    # process has imported torch): its lock is held all the while, as for any long run.
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = _harness("run", str(spec), "--output-dir", str(out), cwd=tmp_path)
+        _, err2 = second.communicate(timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     out1, err1 = first.communicate(timeout=600)
     assert first.returncode == 0, err1[-3000:]
 
