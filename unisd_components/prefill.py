@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from collections.abc import Iterator, Sequence
@@ -26,12 +27,11 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM
 
 from unisd_components.scoring import pad_left
 
 __all__ = [
-    "CACHE_KWARG",
+    "cache_kwarg",
     "cache_from_rows",
     "context_prefix",
     "keep_context_prefix",
@@ -43,10 +43,13 @@ __all__ = [
     "prefills_kept",
 ]
 
-# transformers renamed ``past_key_values`` (forward and generate) to ``cache``; the old name goes in 6.0.
-CACHE_KWARG = (
-    "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-)
+@functools.cache
+def cache_kwarg() -> str:
+    """transformers renamed ``past_key_values`` (forward and generate) to ``cache``; the old name goes in
+    6.0. Asked lazily: importing a model class at import time loads transformers' modelling code."""
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 # What one more forward costs, in prompt tokens of padding it would save: a CPU runs a few hundred
 # tokens per forward near its matmul peak, a GPU thousands (its per-call overhead is the larger part).
@@ -257,7 +260,7 @@ def generate_bucketed(
         groups = [[list(prompts[i]) for i in bucket] for bucket in buckets]
         capacity = ids.shape[1] + int(generate_kwargs.get("max_new_tokens") or 0)
         cache = _assembled_cache(model, groups, ids.shape[1], pad_id, device, capacity)
-    extra = {} if cache is None else {CACHE_KWARG: cache}
+    extra = {} if cache is None else {cache_kwarg(): cache}
     generated = model.generate(
         input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad_id, **extra, **generate_kwargs
     )

@@ -46,8 +46,8 @@ from unisd_components.generation import sampling_kwargs, stated_decoding
 from unisd_components.lora import adapters_folded
 from unisd_components.losses import masked_sequence_means, sequence_weighted_mean, weighted_sequence_mean
 from unisd_components.prefill import (
-    CACHE_KWARG,
     cache_from_rows,
+    cache_kwarg,
     context_prefix,
     forward_overhead_tokens,
     generate_bucketed,
@@ -365,7 +365,7 @@ class StepRunner:
                 attention_mask=torch.cat([past_mask, feed_mask], dim=-1).to(self.device),
                 position_ids=(starts + torch.arange(T)[None, :]).to(self.device),
                 use_cache=True,
-                **{CACHE_KWARG: cache},
+                **{cache_kwarg(): cache},
             ).last_hidden_state
             valid = torch.arange(T)[None, :] < torch.tensor([lengths[rows.batch_index[r]] for r in chunk])[:, None]
             hidden = torch.where(valid[..., None].to(hidden.device), hidden, torch.zeros((), dtype=hidden.dtype))

@@ -40,8 +40,8 @@ from unisd_components.chat import encode_prompt, render_prompt
 from unisd_components.generation import greedy_kwargs, stated_decoding
 from unisd_components.lora import adapters_folded
 from unisd_components.prefill import (
-    CACHE_KWARG,
     cache_from_rows,
+    cache_kwarg,
     forward_overhead_tokens,
     generate_bucketed,
     kept_prefill,
@@ -182,7 +182,7 @@ def _completion_logprobs(
                 input_ids=cont.to(device),
                 attention_mask=torch.cat([past_mask, cont_mask.to(device)], dim=-1),
                 position_ids=start + torch.arange(width, device=device)[None, :],
-                **{CACHE_KWARG: set_cache},
+                **{cache_kwarg(): set_cache},
                 use_cache=True,
             ).logits.float()
         rows = []
