@@ -32,6 +32,9 @@ from unisd_components.scoring import pad_left
 
 __all__ = [
     "cache_kwarg",
+    "hidden_after_prefixes",
+    "prefix_kv",
+    "shared_prefix_lengths",
     "cache_from_rows",
     "context_prefix",
     "keep_context_prefix",
@@ -43,6 +46,7 @@ __all__ = [
     "prefills_kept",
 ]
 
+
 @functools.cache
 def cache_kwarg() -> str:
     """transformers renamed ``past_key_values`` (forward and generate) to ``cache``; the old name goes in
@@ -50,6 +54,7 @@ def cache_kwarg() -> str:
     from transformers import LlamaForCausalLM
 
     return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
 
 # What one more forward costs, in prompt tokens of padding it would save: a CPU runs a few hundred
 # tokens per forward near its matmul peak, a GPU thousands (its per-call overhead is the larger part).
@@ -140,51 +145,155 @@ def _growing_layer_class():
     return GrowingLayer
 
 
-def _assembled_cache(
-    model: nn.Module, groups: list[list[list[int]]], width: int, pad_id: int, device, capacity: int
-):
-    """One left-padded cache over ``width - 1`` positions for the rows of ``groups`` (in group order):
-    each group's prompts but their last token, run once at the group's own width, with room for
-    ``capacity`` positions. None: the model's cache is not plain (the caller falls back to one padded
-    prefill)."""
+def prefix_kv(
+    model: nn.Module,
+    sequences: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    overhead_tokens: int | None = None,
+    token_budget: int | None = None,
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]] | None:
+    """Per sequence (none empty), per layer ``(keys, values)`` ``[H, len, D]`` of all its tokens under
+    ``model`` (a causal LM, peft-wrapped or not: its decoder runs, never the LM head).
+
+    The sequences run in groups of similar length (:func:`length_buckets`), a group cut into forwards of
+    at most ``token_budget`` tokens (rows x width; default: no cap). The tensors are views of each
+    forward's cache; gradients flow through them when enabled. None: the model's cache is not a plain
+    growing cache (the caller scores whole rows instead).
+    """
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("prefix_kv needs at least one sequence, none of them empty")
+    from unisd_components.scoring import decoder_and_head
+
+    decoder, _ = decoder_and_head(model)
+    device = next(model.parameters()).device
+    if overhead_tokens is None:
+        overhead_tokens = forward_overhead_tokens(device)
+    out: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = [None] * len(sequences)
+    for group in length_buckets([len(s) for s in sequences], overhead_tokens):
+        width = max(len(sequences[r]) for r in group)
+        step = len(group) if token_budget is None else max(1, token_budget // width)
+        for start in range(0, len(group), step):
+            chunk = group[start : start + step]
+            ids, mask = pad_left([list(sequences[r]) for r in chunk], pad_id)
+            result = decoder(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+                use_cache=True,
+            )
+            layers = plain_cache_layers(result.past_key_values)
+            if layers is None:
+                return None
+            for i, r in enumerate(chunk):
+                n = len(sequences[r])
+                out[r] = [(k[i, :, k.shape[-2] - n :], v[i, :, v.shape[-2] - n :]) for k, v in layers]
+    return out  # type: ignore[return-value]
+
+
+def hidden_after_prefixes(
+    model: nn.Module,
+    prefixes: Sequence[list[tuple[torch.Tensor, torch.Tensor]]],
+    feeds: Sequence[Sequence[int]],
+    first: Sequence[int],
+    steps: int,
+    lengths: Sequence[int],
+    *,
+    pad_id: int,
+    token_budget: int | None = None,
+) -> torch.Tensor:
+    """Final hidden states ``[R, steps, H]`` (after the final norm) of tokens fed after kept prefixes.
+
+    Row ``r`` feeds ``feeds[r]`` after the KV ``prefixes[r]`` (per layer ``[H, n_r, D]``, from
+    :func:`prefix_kv`), at positions ``n_r, n_r + 1, ...``; ``out[r, t]`` is the hidden state at feed
+    position ``first[r] + t`` for ``t < lengths[r]`` and zeros after. This is what a forward over the whole
+    row computes there (a position's state depends only on the tokens up to it), without running the
+    prefix again. Rows run in groups of similar feed length, in forwards of at most ``token_budget``
+    tokens (rows x (prefix + feed)); gradients flow into the prefixes' tensors when enabled.
+    """
+    from unisd_components.scoring import decoder_and_head
+
+    decoder, _ = decoder_and_head(model)
+    device = next(model.parameters()).device
+    if not all(1 <= lengths[r] + first[r] <= len(feeds[r]) or lengths[r] == 0 for r in range(len(feeds))):
+        raise ValueError("a row's requested positions run past its feed")
+    # Rows run in groups of similar feed length (the padding after a short feed is computed for nothing;
+    # a prefix's left padding costs only attention), a group cut into forwards of token_budget tokens.
+    overhead = forward_overhead_tokens(device)
+    chunks: list[list[int]] = []
+    for group in length_buckets([len(f) for f in feeds], overhead):
+        cost = max(prefixes[r][0][0].shape[-2] for r in group) + max(len(feeds[r]) for r in group)
+        step = len(group) if token_budget is None else max(1, token_budget // cost)
+        chunks += [group[start : start + step] for start in range(0, len(group), step)]
+    pieces: dict[int, torch.Tensor] = {}
+    arange = torch.arange(steps)
+    for chunk in chunks:
+        width = max(prefixes[r][0][0].shape[-2] for r in chunk)
+        feed_width = max(1, max(len(feeds[r]) for r in chunk))
+        past_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        ids = torch.full((len(chunk), feed_width), pad_id, dtype=torch.long)
+        feed_mask = torch.zeros((len(chunk), feed_width), dtype=torch.long)
+        for i, r in enumerate(chunk):
+            past_mask[i, width - prefixes[r][0][0].shape[-2] :] = 1
+            ids[i, : len(feeds[r])] = torch.tensor(list(feeds[r]), dtype=torch.long)
+            feed_mask[i, : len(feeds[r])] = 1
+        starts = torch.tensor([prefixes[r][0][0].shape[-2] for r in chunk])[:, None]
+        hidden = decoder(
+            input_ids=ids.to(device),
+            attention_mask=torch.cat([past_mask, feed_mask], dim=-1).to(device),
+            position_ids=(starts + torch.arange(feed_width)[None, :]).to(device),
+            use_cache=True,
+            **{cache_kwarg(): cache_from_rows([prefixes[r] for r in chunk], width)},
+        ).last_hidden_state
+        index = (torch.tensor([first[r] for r in chunk])[:, None] + arange[None, :]).clamp(max=feed_width - 1)
+        picked = hidden.gather(1, index.to(device)[..., None].expand(-1, -1, hidden.shape[-1]))
+        valid = arange[None, :] < torch.tensor([lengths[r] for r in chunk])[:, None]
+        picked = torch.where(valid[..., None].to(device), picked, torch.zeros((), dtype=picked.dtype))
+        if len(chunks) == 1:
+            inverse = torch.empty(len(chunk), dtype=torch.long)
+            inverse[torch.tensor(chunk)] = torch.arange(len(chunk))
+            return picked[inverse.to(device)]
+        for i, r in enumerate(chunk):
+            pieces[r] = picked[i]
+    return torch.stack([pieces[r] for r in range(len(feeds))])
+
+
+def shared_prefix_lengths(sequences: Sequence[Sequence[int]], min_tokens: int = 1) -> list[int]:
+    """Per sequence, the length of the longest prefix it shares with another sequence, at most its own
+    length minus one (its last token stays to be fed); 0 where that is under ``min_tokens``.
+
+    The longest common prefix of a sequence with any other is the one with a neighbour in sorted order.
+    """
+    order = sorted(range(len(sequences)), key=lambda i: list(sequences[i]))
+    shared = [0] * len(sequences)
+    for a, b in zip(order, order[1:], strict=False):
+        common = 0
+        for x, y in zip(sequences[a], sequences[b], strict=False):
+            if x != y:
+                break
+            common += 1
+        shared[a], shared[b] = max(shared[a], common), max(shared[b], common)
+    capped = [min(n, len(s) - 1) for n, s in zip(shared, sequences, strict=True)]
+    return [n if n >= min_tokens else 0 for n in capped]
+
+
+def _growing_cache(rows: Sequence[list[tuple[torch.Tensor, torch.Tensor]]], width: int, capacity: int):
+    """A left-padded cache over ``width`` positions from per-row KV, with room for ``capacity`` positions."""
     from transformers.cache_utils import DynamicCache
 
-    pieces: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-    for rows in groups:
-        ids, mask = pad_left([row[:-1] or [pad_id] for row in rows], pad_id)
-        for i, row in enumerate(rows):
-            if len(row) == 1:
-                mask[i] = 0  # nothing before the last token: an all-padding row
-        out = model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        layers = plain_cache_layers(out.past_key_values)
-        if layers is None:
-            return None
-        pieces.append(layers)
-    data = []
-    for layer in range(len(pieces[0])):
-        keys, values = [], []
-        for group in pieces:
-            k, v = group[layer]
-            missing = (width - 1) - k.shape[-2]
-            keys.append(torch.nn.functional.pad(k, (0, 0, missing, 0)))  # left-pad the time axis with zeros
-            values.append(torch.nn.functional.pad(v, (0, 0, missing, 0)))
-        data.append((torch.cat(keys), torch.cat(values)))
-    kept = _KEPT.get(model)
-    if kept is not None:
-        rows = [row for group in groups for row in group]
-        for r, row in enumerate(rows):
-            n = len(row) - 1
-            if n > 0:
-                kept[tuple(row[:-1])] = [(k[r, :, width - 1 - n :].clone(), v[r, :, width - 1 - n :].clone()) for k, v in data]
     growing = _growing_layer_class()
     cache = DynamicCache()
-    cache.layers = [growing(k, v, capacity) for k, v in data]
+    layers = []
+    for layer in range(len(rows[0])):
+        k0, v0 = rows[0][layer]
+        keys = k0.new_zeros((len(rows), k0.shape[0], width, k0.shape[-1]))
+        values = v0.new_zeros((len(rows), v0.shape[0], width, v0.shape[-1]))
+        for i, row in enumerate(rows):
+            k, v = row[layer]
+            keys[i, :, width - k.shape[-2] :] = k
+            values[i, :, width - v.shape[-2] :] = v
+        layers.append(growing(keys, values, capacity))
+    cache.layers = layers
     return cache
 
 
@@ -224,8 +333,12 @@ def cache_from_rows(rows: Sequence[list[tuple[torch.Tensor, torch.Tensor]]], wid
 
     data = []
     for layer in range(len(rows[0])):
-        keys = [torch.nn.functional.pad(row[layer][0], (0, 0, width - row[layer][0].shape[-2], 0)) for row in rows]
-        values = [torch.nn.functional.pad(row[layer][1], (0, 0, width - row[layer][1].shape[-2], 0)) for row in rows]
+        keys = [
+            torch.nn.functional.pad(row[layer][0], (0, 0, width - row[layer][0].shape[-2], 0)) for row in rows
+        ]
+        values = [
+            torch.nn.functional.pad(row[layer][1], (0, 0, width - row[layer][1].shape[-2], 0)) for row in rows
+        ]
         data.append((torch.stack(keys), torch.stack(values)))
     return DynamicCache(ddp_cache_data=data)
 
@@ -237,6 +350,7 @@ def generate_bucketed(
     *,
     pad_id: int,
     overhead_tokens: int | None = None,
+    prefixes: Sequence[list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
     **generate_kwargs,
 ) -> torch.Tensor:
     """``model.generate`` over ``prompts`` (token lists), prefilled in length groups: the new tokens
@@ -244,7 +358,9 @@ def generate_bucketed(
 
     ``generate_kwargs`` go to ``generate`` unchanged (decoding rule, ``max_new_tokens``, stopping
     criteria ...); a stopping criterion sees the rows in length order. ``overhead_tokens``: the cost of
-    one more forward in tokens (default: per device type).
+    one more forward in tokens (default: per device type). ``prefixes``: each prompt's KV over all its
+    tokens but the last, already computed under these weights (:func:`prefix_kv`; the training step's
+    student pass): no prefill runs.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_bucketed needs at least one prompt, none of them empty")
@@ -256,13 +372,34 @@ def generate_bucketed(
     rows = [list(prompts[i]) for i in order]
     ids, mask = pad_left(rows, pad_id)
     cache = None
-    if ids.shape[1] > 1 and not getattr(model.config, "is_encoder_decoder", False):
-        groups = [[list(prompts[i]) for i in bucket] for bucket in buckets]
+    if prefixes is not None:
+        if len(prefixes) != len(prompts) or any(
+            prefixes[i][0][0].shape[-2] != len(prompts[i]) - 1 for i in range(len(prompts))
+        ):
+            raise ValueError("prefixes must hold each prompt's KV over all its tokens but the last")
+        rows_kv = [prefixes[i] for i in order]
+    elif (
+        ids.shape[1] > 1
+        and min(len(p) for p in prompts) > 1
+        and not getattr(model.config, "is_encoder_decoder", False)
+    ):
+        rows_kv = prefix_kv(model, [row[:-1] for row in rows], pad_id=pad_id, overhead_tokens=overhead_tokens)
+    else:
+        rows_kv = None
+    if rows_kv is not None:
         capacity = ids.shape[1] + int(generate_kwargs.get("max_new_tokens") or 0)
-        cache = _assembled_cache(model, groups, ids.shape[1], pad_id, device, capacity)
+        cache = _growing_cache(rows_kv, ids.shape[1] - 1, capacity)
+        kept = _KEPT.get(model)
+        if kept is not None:
+            for row, layers in zip(rows, rows_kv, strict=True):
+                kept[tuple(row[:-1])] = [(k.detach().clone(), v.detach().clone()) for k, v in layers]
     extra = {} if cache is None else {cache_kwarg(): cache}
     generated = model.generate(
-        input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad_id, **extra, **generate_kwargs
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        pad_token_id=pad_id,
+        **extra,
+        **generate_kwargs,
     )
     new_tokens = generated[:, ids.shape[1] :]
     out = torch.empty_like(new_tokens)

@@ -46,20 +46,17 @@ from unisd_components.generation import sampling_kwargs, stated_decoding
 from unisd_components.lora import adapters_folded
 from unisd_components.losses import masked_sequence_means, sequence_weighted_mean, weighted_sequence_mean
 from unisd_components.prefill import (
-    cache_from_rows,
-    cache_kwarg,
     context_prefix,
-    forward_overhead_tokens,
     generate_bucketed,
+    hidden_after_prefixes,
     keep_context_prefix,
-    length_buckets,
-    plain_cache_layers,
+    prefix_kv,
+    shared_prefix_lengths,
 )
 from unisd_components.registry import Component, StepScores
 from unisd_components.scoring import (
     completion_hidden,
     completion_logps,
-    decoder_and_head,
     pad_left,
     sampled_token_logps,
 )
@@ -79,6 +76,9 @@ __all__ = [
 # fewer, larger batches win.
 _TOKEN_BUDGET = {"cpu": 2048, "cuda": 32768}
 _DEFAULT_TOKEN_BUDGET = 8192
+# A prefix shared by teacher rows is run once when at least this long: a shorter one (the chat template's
+# system turn) saves less than the extra forward costs.
+_MIN_SHARED_PREFIX = 32
 _PHASES = ("generation", "teacher", "student", "backward", "optimizer")
 
 
@@ -149,12 +149,15 @@ def sample_completions(
     temperature: float,
     pad_id: int,
     eos_ids: Sequence[int],
+    prefixes: Sequence[list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
 ) -> torch.Tensor:
     """One sampled completion per prompt (token lists): ``[B,T]``, padded after EOS with ``pad_id``.
 
     The prompts are prefilled in groups of similar length (:func:`unisd_components.prefill.generate_bucketed`)
     and a LoRA student samples with its adapter folded into its weights
     (:func:`unisd_components.lora.adapters_folded`): the same distribution, fewer operations.
+    ``prefixes``: each prompt's KV over all its tokens but the last under the current weights (the
+    student pass's, detached); then no prefill runs here.
     """
     was_training = model.training
     model.eval()
@@ -166,6 +169,7 @@ def sample_completions(
                 model,
                 prompts,
                 pad_id=pad_id,
+                prefixes=prefixes,
                 **sampling_kwargs(temperature),
                 max_new_tokens=max_new_tokens,
                 eos_token_id=list(eos_ids),
@@ -225,6 +229,11 @@ class StepRunner:
         # A frozen teacher (no EMA) keeps its contexts' KV across the process's trials (prefill module).
         frozen = teacher is not None and not any(c.needs_ema_teacher for c in self.components)
         self._frozen_fingerprint = _teacher_fingerprint(teacher, self.device) if frozen else None
+        # The student's prompt pass serves its own sampling too when a training-mode forward computes what
+        # sampling does (no active dropout) and keeps its cache (no gradient checkpointing).
+        self._shares_prompt_pass = (
+            engine is None and not training.gradient_checkpointing and not _has_active_dropout(model)
+        )
 
     # ---- tokenization (cached: contexts never change during a run)
 
@@ -310,70 +319,85 @@ class StepRunner:
         contexts_ = rows.contexts
         if any(len(c) < 2 for c in contexts_):
             return self._row_hidden(module, rows, completion, lengths)
-        decoder, _ = decoder_and_head(module)
-        budget = _TOKEN_BUDGET.get(self.device.type, _DEFAULT_TOKEN_BUDGET)
-        local: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        missing = []
-        for r, context in enumerate(contexts_):
-            kept = context_prefix(fingerprint, context[:-1])
-            if kept is None:
-                missing.append(r)
-            else:
-                local[r] = kept
-        overhead = forward_overhead_tokens(self.device)
-        for group in length_buckets([len(contexts_[r]) - 1 for r in missing], overhead, max_rows=None):
-            group_rows = [missing[i] for i in group]
-            width = max(len(contexts_[r]) - 1 for r in group_rows)
-            for start in range(0, len(group_rows), max(1, budget // width)):
-                chunk = group_rows[start : start + max(1, budget // width)]
-                ids, mask = pad_left([contexts_[r][:-1] for r in chunk], self.pad_id)
-                out = decoder(
-                    input_ids=ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
-                    use_cache=True,
-                )
-                layers = plain_cache_layers(out.past_key_values)
-                if layers is None:  # not a plain cache: score the whole rows as usual
-                    return self._row_hidden(module, rows, completion, lengths)
-                for i, r in enumerate(chunk):
-                    n = len(contexts_[r]) - 1
-                    local[r] = [(k[i, :, -n:], v[i, :, -n:]) for k, v in layers]
-                    keep_context_prefix(fingerprint, contexts_[r][:-1], local[r])
-        T = completion.shape[1]
+        prefixes = [context_prefix(fingerprint, c[:-1]) for c in contexts_]
+        missing = [r for r, kv in enumerate(prefixes) if kv is None]
+        if missing:
+            computed = prefix_kv(
+                module, [contexts_[r][:-1] for r in missing], pad_id=self.pad_id, token_budget=self._budget()
+            )
+            if computed is None:  # not a plain cache: score the whole rows as usual
+                return self._row_hidden(module, rows, completion, lengths)
+            for r, kv in zip(missing, computed, strict=True):
+                prefixes[r] = kv
+                keep_context_prefix(fingerprint, contexts_[r][:-1], kv)
+        return self._hidden_after(module, prefixes, [[c[-1]] for c in contexts_], rows, completion, lengths)
+
+    def _row_hidden_sharing_prefixes(
+        self, module: nn.Module, rows: _Rows, completion: torch.Tensor, lengths: list[int]
+    ) -> torch.Tensor:
+        """:meth:`_row_hidden` where contexts share long prefixes (UniSD*'s teacher rows: the main and the
+        negative context repeat the prompt, agreement contexts with the same donor repeat its block): each
+        distinct shared prefix runs once, then each row runs only the rest of its context and its
+        completion after that prefix's KV. Same hidden states, up to float summation order."""
+        contexts_ = rows.contexts
+        splits = shared_prefix_lengths(contexts_, min_tokens=_MIN_SHARED_PREFIX)
+        if not any(splits):
+            return self._row_hidden(module, rows, completion, lengths)
+        # A row that shares nothing keeps its whole context but the last token as its own prefix.
+        splits = [s or len(c) - 1 for s, c in zip(splits, contexts_, strict=True)]
+        if min(splits) < 1:
+            return self._row_hidden(module, rows, completion, lengths)
+        distinct = sorted({tuple(c[:s]) for c, s in zip(contexts_, splits, strict=True)})
+        computed = prefix_kv(
+            module, [list(p) for p in distinct], pad_id=self.pad_id, token_budget=self._budget()
+        )
+        if computed is None:
+            return self._row_hidden(module, rows, completion, lengths)
+        by_prefix = dict(zip(distinct, computed, strict=True))
+        prefixes = [by_prefix[tuple(c[:s])] for c, s in zip(contexts_, splits, strict=True)]
+        suffixes = [c[s:] for c, s in zip(contexts_, splits, strict=True)]
+        return self._hidden_after(module, prefixes, suffixes, rows, completion, lengths)
+
+    def _hidden_after(
+        self,
+        module: nn.Module,
+        prefixes: list,
+        suffixes: list[list[int]],
+        rows: _Rows,
+        completion: torch.Tensor,
+        lengths: list[int],
+    ) -> torch.Tensor:
+        """Completion hidden states ``[R,T,H]`` of rows ``[prefix_r | suffix_r | completion]`` whose
+        prefixes' KV is already computed: each row feeds its suffix and its completion but the last token."""
         tokens = completion.tolist()
-        out_hidden = None
-        order = sorted(range(len(contexts_)), key=lambda r: len(contexts_[r]))
-        width_cap = max(1, budget // (max(len(c) for c in contexts_) + T))
-        for start in range(0, len(order), width_cap):
-            chunk = order[start : start + width_cap]
-            width = max(len(contexts_[r]) - 1 for r in chunk)
-            cache = cache_from_rows([local[r] for r in chunk], width)
-            past_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            feed = torch.full((len(chunk), T), self.pad_id, dtype=torch.long)
-            feed_mask = torch.zeros((len(chunk), T), dtype=torch.long)
-            for i, r in enumerate(chunk):
-                n = len(contexts_[r]) - 1
-                past_mask[i, width - n :] = 1
-                b = rows.batch_index[r]
-                row = [contexts_[r][-1]] + tokens[b][: max(lengths[b], 1) - 1]
-                feed[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-                feed_mask[i, : len(row)] = 1
-            starts = torch.tensor([len(contexts_[r]) - 1 for r in chunk])[:, None]
-            hidden = decoder(
-                input_ids=feed.to(self.device),
-                attention_mask=torch.cat([past_mask, feed_mask], dim=-1).to(self.device),
-                position_ids=(starts + torch.arange(T)[None, :]).to(self.device),
-                use_cache=True,
-                **{cache_kwarg(): cache},
-            ).last_hidden_state
-            valid = torch.arange(T)[None, :] < torch.tensor([lengths[rows.batch_index[r]] for r in chunk])[:, None]
-            hidden = torch.where(valid[..., None].to(hidden.device), hidden, torch.zeros((), dtype=hidden.dtype))
-            if out_hidden is None:
-                out_hidden = hidden.new_zeros((len(contexts_), T, hidden.shape[-1]))
-            out_hidden[torch.tensor(chunk, device=hidden.device)] = hidden
-        assert out_hidden is not None
-        return out_hidden
+        feeds, first, row_lengths = [], [], []
+        for r, b in enumerate(rows.batch_index):
+            feeds.append(suffixes[r] + tokens[b][: max(lengths[b], 1) - 1])
+            first.append(len(suffixes[r]) - 1)
+            row_lengths.append(lengths[b])
+        return hidden_after_prefixes(
+            module,
+            prefixes,
+            feeds,
+            first,
+            completion.shape[1],
+            row_lengths,
+            pad_id=self.pad_id,
+            token_budget=self._budget(),
+        )
+
+    def _budget(self) -> int:
+        return _TOKEN_BUDGET.get(self.device.type, _DEFAULT_TOKEN_BUDGET)
+
+    def _prompt_kv(self, prompts: list[list[int]]):
+        """The student's KV over each prompt but its last token, with gradient: it serves both the sampling
+        (detached) and the student pass (:meth:`_student_pass`). None when the passes cannot share it."""
+        if not self._shares_prompt_pass or min(len(p) for p in prompts) < 2:
+            return None
+        with self._autocast():
+            return prefix_kv(
+                self.model, [p[:-1] for p in prompts], pad_id=self.pad_id, token_budget=self._budget()
+            )
 
     def _teacher_pass(
         self, examples: Sequence[Any], prompts: list[list[int]], completion: torch.Tensor, lengths: list[int]
@@ -408,7 +432,7 @@ class StepRunner:
                     module, rows, completion, lengths, self._frozen_fingerprint
                 )
             else:
-                hidden = self._row_hidden(module, rows, completion, lengths)
+                hidden = self._row_hidden_sharing_prefixes(module, rows, completion, lengths)
             if self.fused:  # the hidden states and the head; the logits are built chunk by chunk later
                 teacher_logps = (hidden[:B], head_weights(module, detach=True))
             else:
@@ -431,12 +455,21 @@ class StepRunner:
         return teacher_logps, teacher_hidden, context_logps, base_logps
 
     def _student_pass(
-        self, prompts: list[list[int]], completion: torch.Tensor, lengths: list[int], temperature: float
+        self,
+        prompts: list[list[int]],
+        completion: torch.Tensor,
+        lengths: list[int],
+        temperature: float,
+        prompt_kv: list | None = None,
     ):
+        rows = _Rows(prompts, list(range(len(prompts))))
         with self._autocast():
-            hidden = self._row_hidden(
-                self.model, _Rows(prompts, list(range(len(prompts)))), completion, lengths
-            )
+            if prompt_kv is None:
+                hidden = self._row_hidden(self.model, rows, completion, lengths)
+            else:
+                hidden = self._hidden_after(
+                    self.model, prompt_kv, [[p[-1]] for p in prompts], rows, completion, lengths
+                )
             logps = None if self.fused else completion_logps(self.model, hidden, temperature)
         return hidden, logps
 
@@ -468,6 +501,10 @@ class StepRunner:
     def distill(self, examples: Sequence[Any], step: int, alpha: float, on_policy: bool = True):
         """A self-distillation micro-step (SDFT, UniSD variants, GKD). Returns ``(terms, metrics)``."""
         prompts = [self.prompt_ids(ex) for ex in examples]
+        prompt_kv = None
+        if on_policy and self.engine is None:
+            with self.timer.phase("student"):  # the student's prompt pass, shared with the sampling
+                prompt_kv = self._prompt_kv(prompts)
         with self.timer.phase("generation"):
             if on_policy and self.engine is not None:
                 completion = self._engine_completions(prompts, step)
@@ -481,6 +518,9 @@ class StepRunner:
                     temperature=self.training.temperature,
                     pad_id=self.pad_id,
                     eos_ids=self.eos_ids,
+                    prefixes=None
+                    if prompt_kv is None
+                    else [[(k.detach(), v.detach()) for k, v in row] for row in prompt_kv],
                 )
                 lengths = completion_mask(completion, self.eos_ids).sum(-1).tolist()
                 mask = completion_mask(completion, self.eos_ids, self.training.skip_first_tokens)
@@ -491,7 +531,9 @@ class StepRunner:
                 examples, prompts, completion, lengths
             )
         with self.timer.phase("student"):
-            student_hidden, student_logps = self._student_pass(prompts, completion, lengths, self.tau)
+            student_hidden, student_logps = self._student_pass(
+                prompts, completion, lengths, self.tau, prompt_kv
+            )
             fused = None
             if self.fused:
                 fused = self._fused_scores(student_hidden, completion, mask, self.tau, teacher_logps, alpha)
@@ -623,6 +665,21 @@ def _teacher_fingerprint(teacher: TeacherWeights, device: torch.device) -> str:
     config = getattr(module, "config", None)
     salt = f"{device.type}|{config.to_json_string(use_diff=False) if config is not None else type(module)}"
     return tensors_fingerprint(named, salt=salt)
+
+
+def _has_active_dropout(model: nn.Module) -> bool:
+    """Whether a training-mode forward of ``model`` draws dropout masks (modules, or config rates)."""
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    settings = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
+    return any(
+        ("dropout" in name or "pdrop" in name)
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and value > 0
+        for name, value in settings.items()
+    )
 
 
 def k3_to_reference(student_tok: torch.Tensor, ref_tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
