@@ -208,8 +208,8 @@ def hidden_after_prefixes(
     :func:`prefix_kv`), at positions ``n_r, n_r + 1, ...``; ``out[r, t]`` is the hidden state at feed
     position ``first[r] + t`` for ``t < lengths[r]`` and zeros after. This is what a forward over the whole
     row computes there (a position's state depends only on the tokens up to it), without running the
-    prefix again. Rows run in groups of similar feed length, in forwards of at most ``token_budget``
-    tokens (rows x (prefix + feed)); gradients flow into the prefixes' tensors when enabled.
+    prefix again. Rows run in groups of similar feed length, in forwards of at most ``token_budget`` fed
+    tokens; gradients flow into the prefixes' tensors when enabled.
     """
     from unisd_components.scoring import decoder_and_head
 
@@ -217,14 +217,23 @@ def hidden_after_prefixes(
     device = next(model.parameters()).device
     if not all(1 <= lengths[r] + first[r] <= len(feeds[r]) or lengths[r] == 0 for r in range(len(feeds))):
         raise ValueError("a row's requested positions run past its feed")
-    # Rows run in groups of similar feed length (the padding after a short feed is computed for nothing;
-    # a prefix's left padding costs only attention), a group cut into forwards of token_budget tokens.
-    overhead = forward_overhead_tokens(device)
+    # Rows run in groups of similar feed length (the padding after a short feed costs whole tokens); within
+    # a group, in order of prefix width (a prefix's left padding costs attention and cache copies). A
+    # forward holds at most token_budget fed tokens and 512 x token_budget attention scores per head.
+    widths = [prefixes[r][0][0].shape[-2] for r in range(len(feeds))]
     chunks: list[list[int]] = []
-    for group in length_buckets([len(f) for f in feeds], overhead):
-        cost = max(prefixes[r][0][0].shape[-2] for r in group) + max(len(feeds[r]) for r in group)
-        step = len(group) if token_budget is None else max(1, token_budget // cost)
-        chunks += [group[start : start + step] for start in range(0, len(group), step)]
+    for group in length_buckets([len(f) for f in feeds], forward_overhead_tokens(device)):
+        feed_width = max(1, max(len(feeds[r]) for r in group))
+        chunk: list[int] = []
+        for r in sorted(group, key=lambda r: widths[r]):  # ascending: row r is the chunk's widest
+            rows = len(chunk) + 1
+            if chunk and token_budget is not None and (
+                rows * feed_width > token_budget or rows * feed_width * (widths[r] + feed_width) > 512 * token_budget
+            ):
+                chunks.append(chunk)
+                chunk = []
+            chunk.append(r)
+        chunks.append(chunk)
     pieces: dict[int, torch.Tensor] = {}
     arange = torch.arange(steps)
     for chunk in chunks:
