@@ -12,6 +12,13 @@ padding is masked out of attention, so a row's logits do not depend on its neigh
 summation order). Models whose cache is not a plain growing cache in every layer (sliding-window or
 linear-attention layers, encoder-decoders) keep the single padded prefill.
 
+The same two pieces serve scoring: :func:`prefix_kv` runs token sequences (with gradient when enabled)
+and returns each one's KV; :func:`hidden_after_prefixes` feeds more tokens after such KV and returns the
+final hidden states a whole-row forward computes there. The training step uses them so that work is done
+once: the student's prompt pass also serves its sampling, teacher contexts that share a long prefix
+(:func:`shared_prefix_lengths`) run it once, and a frozen teacher's contexts are kept across trials
+(:func:`keep_context_prefix`).
+
 Example::
 
     new_tokens = generate_bucketed(model, [[1, 5, 9], [1, 7]], pad_id=0, max_new_tokens=8, do_sample=False)
@@ -292,17 +299,7 @@ def _growing_cache(rows: Sequence[list[tuple[torch.Tensor, torch.Tensor]]], widt
 
     growing = _growing_layer_class()
     cache = DynamicCache()
-    layers = []
-    for layer in range(len(rows[0])):
-        k0, v0 = rows[0][layer]
-        keys = k0.new_zeros((len(rows), k0.shape[0], width, k0.shape[-1]))
-        values = v0.new_zeros((len(rows), v0.shape[0], width, v0.shape[-1]))
-        for i, row in enumerate(rows):
-            k, v = row[layer]
-            keys[i, :, width - k.shape[-2] :] = k
-            values[i, :, width - v.shape[-2] :] = v
-        layers.append(growing(keys, values, capacity))
-    cache.layers = layers
+    cache.layers = [growing(keys, values, capacity) for keys, values in _left_padded_layers(rows, width)]
     return cache
 
 
@@ -340,16 +337,20 @@ def cache_from_rows(rows: Sequence[list[tuple[torch.Tensor, torch.Tensor]]], wid
     """A left-padded ``DynamicCache`` over ``width`` positions from per-row ``(keys, values)`` lists."""
     from transformers.cache_utils import DynamicCache
 
+    return DynamicCache(ddp_cache_data=_left_padded_layers(rows, width))
+
+
+def _left_padded_layers(
+    rows: Sequence[list[tuple[torch.Tensor, torch.Tensor]]], width: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the rows' keys and values ``[R, H, width, D]``, each row left-padded with zeros (which
+    the attention mask hides). Differentiable: gradients reach the rows' tensors."""
     data = []
     for layer in range(len(rows[0])):
-        keys = [
-            torch.nn.functional.pad(row[layer][0], (0, 0, width - row[layer][0].shape[-2], 0)) for row in rows
-        ]
-        values = [
-            torch.nn.functional.pad(row[layer][1], (0, 0, width - row[layer][1].shape[-2], 0)) for row in rows
-        ]
+        keys = [torch.nn.functional.pad(row[layer][0], (0, 0, width - row[layer][0].shape[-2], 0)) for row in rows]
+        values = [torch.nn.functional.pad(row[layer][1], (0, 0, width - row[layer][1].shape[-2], 0)) for row in rows]
         data.append((torch.stack(keys), torch.stack(values)))
-    return DynamicCache(ddp_cache_data=data)
+    return data
 
 
 @torch.no_grad()

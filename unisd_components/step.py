@@ -5,17 +5,21 @@ Read top to bottom, a distillation micro-step is:
 1. **generation**: sample one completion per prompt from the student (``generate`` with the KV cache,
    prompts prefilled in groups of similar length then decoded as one batch, a LoRA adapter folded into
    the weights, eval mode, no gradient, pure temperature sampling: no top-k/top-p, so the
-   samples are on-policy for the distribution the loss is computed at); or, when the trainer is given a
-   generation engine (:mod:`unisd_components.vllm_engine`), the same rule in vLLM, from the current
-   weights pushed into it once per optimizer step: the engine only proposes tokens, every log-prob of
-   the loss is computed below by the training model;
+   samples are on-policy for the distribution the loss is computed at). The prompts' prefill is the
+   student pass's own prompt pass (step 3 runs it first, with gradient) whenever a training-mode forward
+   computes what sampling does (no active dropout, no activation checkpointing): each prompt runs once
+   per step. Or, when the trainer is given a generation engine (:mod:`unisd_components.vllm_engine`), the
+   same rule in vLLM, from the current weights pushed into it once per optimizer step: the engine only
+   proposes tokens, every log-prob of the loss is computed below by the training model;
 2. **teacher**: with the teacher weights, one gradient-free pass over every teacher row: the main
    demonstration context (full-vocabulary log-probs, and final hidden states for feature matching),
    then every component's extra contexts (K agreement contexts, the negative context) of which only
    the sampled-token log-probs are kept, and the KL-to-base reference rows when the base weights are
    the teacher's. Each row stops at its completion's EOS, and rows are sorted by length and cut into
-   chunks of a token budget, so little compute goes to padding. An EMA teacher runs with its adapter
-   folded into the weights; a frozen teacher keeps its contexts' KV for the process's later trials
+   chunks of a token budget, so little compute goes to padding. Contexts that share a long prefix
+   (UniSD*'s main and negative contexts repeat the prompt, agreement contexts with the same donor repeat
+   its block) run it once. An EMA teacher runs with its adapter folded into the weights; a frozen teacher
+   keeps its contexts' KV for the process's later trials
    (:func:`unisd_components.prefill.keep_context_prefix`), which then run only the completions;
 3. **student**: ``[prompt | completion]`` with gradient, LM head on completion positions only, the
    divergence, the components' weights and terms, each term checked for finiteness, then backward of
