@@ -35,7 +35,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from unisd_components.scoring import pad_left
+from unisd_components.scoring import decoder_and_head, hidden_at, pad_left
 
 __all__ = [
     "cache_kwarg",
@@ -170,8 +170,6 @@ def prefix_kv(
     """
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("prefix_kv needs at least one sequence, none of them empty")
-    from unisd_components.scoring import decoder_and_head
-
     decoder, _ = decoder_and_head(model)
     device = next(model.parameters()).device
     if overhead_tokens is None:
@@ -218,8 +216,6 @@ def hidden_after_prefixes(
     prefix again. Rows run in groups of similar feed length, in forwards of at most ``token_budget`` fed
     tokens; gradients flow into the prefixes' tensors when enabled.
     """
-    from unisd_components.scoring import decoder_and_head
-
     decoder, _ = decoder_and_head(model)
     device = next(model.parameters()).device
     if not all(1 <= lengths[r] + first[r] <= len(feeds[r]) or lengths[r] == 0 for r in range(len(feeds))):
@@ -242,18 +238,17 @@ def hidden_after_prefixes(
             chunk.append(r)
         chunks.append(chunk)
     pieces: dict[int, torch.Tensor] = {}
-    arange = torch.arange(steps)
     for chunk in chunks:
-        width = max(prefixes[r][0][0].shape[-2] for r in chunk)
+        width = max(widths[r] for r in chunk)
         feed_width = max(1, max(len(feeds[r]) for r in chunk))
         past_mask = torch.zeros((len(chunk), width), dtype=torch.long)
         ids = torch.full((len(chunk), feed_width), pad_id, dtype=torch.long)
         feed_mask = torch.zeros((len(chunk), feed_width), dtype=torch.long)
         for i, r in enumerate(chunk):
-            past_mask[i, width - prefixes[r][0][0].shape[-2] :] = 1
+            past_mask[i, width - widths[r] :] = 1
             ids[i, : len(feeds[r])] = torch.tensor(list(feeds[r]), dtype=torch.long)
             feed_mask[i, : len(feeds[r])] = 1
-        starts = torch.tensor([prefixes[r][0][0].shape[-2] for r in chunk])[:, None]
+        starts = torch.tensor([widths[r] for r in chunk])[:, None]
         hidden = decoder(
             input_ids=ids.to(device),
             attention_mask=torch.cat([past_mask, feed_mask], dim=-1).to(device),
@@ -261,10 +256,9 @@ def hidden_after_prefixes(
             use_cache=True,
             **{cache_kwarg(): cache_from_rows([prefixes[r] for r in chunk], width)},
         ).last_hidden_state
-        index = (torch.tensor([first[r] for r in chunk])[:, None] + arange[None, :]).clamp(max=feed_width - 1)
-        picked = hidden.gather(1, index.to(device)[..., None].expand(-1, -1, hidden.shape[-1]))
-        valid = arange[None, :] < torch.tensor([lengths[r] for r in chunk])[:, None]
-        picked = torch.where(valid[..., None].to(device), picked, torch.zeros((), dtype=picked.dtype))
+        picked = hidden_at(
+            hidden, torch.tensor([first[r] for r in chunk]), torch.tensor([lengths[r] for r in chunk]), steps
+        )
         if len(chunks) == 1:
             inverse = torch.empty(len(chunk), dtype=torch.long)
             inverse[torch.tensor(chunk)] = torch.arange(len(chunk))

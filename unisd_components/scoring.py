@@ -22,6 +22,7 @@ __all__ = [
     "completion_logits",
     "completion_logps",
     "decoder_and_head",
+    "hidden_at",
     "pad_left",
     "sampled_token_logps",
 ]
@@ -84,13 +85,19 @@ def completion_hidden(
     hidden = hidden.last_hidden_state
     if lengths is None:
         return hidden[:, -completion_len:]
-    width = hidden.shape[1]
-    lengths = lengths.to(hidden.device)
-    steps = torch.arange(completion_len, device=hidden.device)
     # Completion token t of row r sits at input column L - len_r + t; the hidden state before it predicts it.
-    index = ((width - lengths)[:, None] + steps[None, :]).clamp(max=width - 1)
+    lengths = lengths.to(hidden.device)
+    return hidden_at(hidden, hidden.shape[1] - lengths, lengths, completion_len)
+
+
+def hidden_at(hidden: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, steps: int) -> torch.Tensor:
+    """``[R, steps, H]`` from ``hidden`` ``[R, L, H]``: row ``r``'s states at positions ``starts[r] + t`` for
+    ``t < lengths[r]``, zeros after."""
+    arange = torch.arange(steps, device=hidden.device)
+    starts, lengths = starts.to(hidden.device), lengths.to(hidden.device)
+    index = (starts[:, None] + arange[None, :]).clamp(max=hidden.shape[1] - 1)
     picked = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-    valid = steps[None, :] < lengths[:, None]
+    valid = arange[None, :] < lengths[:, None]
     return torch.where(valid[..., None], picked, torch.zeros((), dtype=picked.dtype, device=picked.device))
 
 
