@@ -62,6 +62,86 @@ def _trained_adapter(model):
     return wrapped.eval()
 
 
+def _peft_forward_copy(model):
+    """A deep copy of ``model`` whose LoRA layers run peft's own forward (the reference)."""
+    from peft.tuners.lora.layer import Linear
+
+    reference = copy.deepcopy(model)
+    for layer in lora_layers_of(reference):
+        layer.__class__ = Linear
+    return reference
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids).logits.pow(2).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fused_lora_forward_is_peft_forward_in_float64(tiny_model_and_tokenizer):
+    # apply_lora's layers add the update inside one matmul; the function and every adapter gradient are
+    # peft's (float64, so only the order of additions differs). alpha / r = 1.5 is not a power of two.
+    model = copy.deepcopy(tiny_model_and_tokenizer[0]).double()
+    ids = torch.tensor([[1, 5, 9, 13, 17], [2, 4, 6, 8, 10]])
+    wrapped = apply_lora(model, r=4, alpha=6).train()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.05)
+    reference = _peft_forward_copy(wrapped)
+    assert {type(layer).__name__ for layer in lora_layers_of(wrapped)} == {"FusedLoraLinear"}
+    loss, grads = _loss_and_grads(wrapped, ids)
+    ref_loss, ref_grads = _loss_and_grads(reference, ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    assert grads.keys() == ref_grads.keys() and any("lora_A" in n for n in grads)
+    for name, grad in grads.items():
+        assert (grad - ref_grads[name]).norm() <= 1e-9 * ref_grads[name].norm(), name
+    with wrapped.disable_adapter(), reference.disable_adapter(), torch.no_grad():
+        torch.testing.assert_close(
+            wrapped(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=0
+        )
+
+
+def test_fused_lora_forward_makes_one_pass_over_the_output(tiny_model_and_tokenizer):
+    # peft writes B A x, scales it and adds it: three passes over each [tokens, out] output. The fused
+    # forward adds the update inside the matmul, and draws peft's dropout mask when dropout is active.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.shape[-2:] == (5, self.width):
+                self.names.append(func.__name__)  # an op writing a whole [tokens, out] output
+            return out
+
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+
+    def projection_ops(model) -> list[str]:
+        layer = next(lay for lay in lora_layers_of(model) if lay.base_layer.out_features > 64)
+        x = torch.randn(1, 5, layer.base_layer.in_features)
+        with Ops() as ops, torch.no_grad():
+            ops.width = layer.base_layer.out_features
+            layer(x)
+        return ops.names
+
+    fused = apply_lora(copy.deepcopy(tiny_model_and_tokenizer[0]), r=4)
+    assert projection_ops(fused) == ["mm.default", "addmm_.default", "view.default"]
+    assert {"mul.Tensor", "add.Tensor"} <= set(projection_ops(_peft_forward_copy(fused)))
+    dropped = apply_lora(copy.deepcopy(tiny_model_and_tokenizer[0]), r=4, dropout=0.5).train()
+    assert "addmm_.default" not in projection_ops(dropped)  # peft's forward: its dropout mask
+    assert "addmm_.default" in projection_ops(dropped.eval())  # dropout off in eval: fused again
+    wrapped = apply_lora(copy.deepcopy(tiny_model_and_tokenizer[0]), r=4)
+    torch.testing.assert_close(
+        _logits(wrapped.to(torch.bfloat16), ids).float(), _logits(_peft_forward_copy(wrapped), ids).float()
+    )  # bf16 runs too (B = 0: both are the base)
+
+
 def test_merged_for_inference_is_the_same_function_without_adapters(tiny_model_and_tokenizer):
     model, _ = tiny_model_and_tokenizer
     ids = torch.tensor([[1, 5, 9, 13, 17], [2, 4, 6, 8, 10]])
@@ -94,7 +174,9 @@ def test_adapters_folded_is_the_same_function_and_gives_the_base_weights_back(ti
         # Folded: every projection runs its base layer alone, on merged weights.
         assert all(layer.merged for layer in lora_layers_of(wrapped))
         torch.testing.assert_close(_logits(wrapped, ids), adapted_logits, rtol=1e-5, atol=1e-5)
-        assert not torch.equal(dict(wrapped.named_parameters())[_a_q_proj(wrapped)], saved[_a_q_proj(wrapped)])
+        assert not torch.equal(
+            dict(wrapped.named_parameters())[_a_q_proj(wrapped)], saved[_a_q_proj(wrapped)]
+        )
     assert not any(layer.merged for layer in lora_layers_of(wrapped))
     after = dict(wrapped.named_parameters())
     # The same tensors, bit for bit (not merged weights minus the update, which would drift).
