@@ -19,7 +19,7 @@ def _cost(lengths, groups, overhead):
     return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
 
 
-def _brute_force(lengths, overhead, max_rows=None):
+def _brute_force(lengths, overhead, max_rows=None, max_tokens=None):
     """Every split of the sorted rows into consecutive groups."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     best = None
@@ -33,6 +33,10 @@ def _brute_force(lengths, overhead, max_rows=None):
         groups.append(current)
         if max_rows is not None and max(len(g) for g in groups) > max_rows:
             continue
+        if max_tokens is not None and any(
+            len(g) > 1 and len(g) * max(lengths[i] for i in g) > max_tokens for g in groups
+        ):
+            continue
         cost = _cost(lengths, groups, overhead)
         best = cost if best is None else min(best, cost)
     return best
@@ -44,17 +48,25 @@ def test_length_buckets_are_the_cheapest_split(seed):
     lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 9))]
     overhead = rng.choice([0, 16, 96, 1000])
     max_rows = rng.choice([None, 1, 2, 3])
-    groups = length_buckets(lengths, overhead, max_rows)
+    max_tokens = rng.choice([None, 250, 600])
+    groups = length_buckets(lengths, overhead, max_rows, max_tokens)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     flat = [lengths[i] for g in groups for i in g]
     assert flat == sorted(flat)  # consecutive sorted runs, shortest first
     assert max_rows is None or max(len(g) for g in groups) <= max_rows
-    assert _cost(lengths, groups, overhead) == _brute_force(lengths, overhead, max_rows)
+    assert max_tokens is None or all(
+        len(g) == 1 or len(g) * max(lengths[i] for i in g) <= max_tokens for g in groups
+    )
+    assert _cost(lengths, groups, overhead) == _brute_force(lengths, overhead, max_rows, max_tokens)
 
 
 def test_length_buckets_by_hand():
     assert length_buckets([100, 10, 11, 101], overhead_tokens=20) == [[1, 2], [0, 3]]
     assert length_buckets([100, 10, 11, 101], overhead_tokens=500) == [[1, 2, 0, 3]]  # one forward is cheaper
+    # at most 250 tokens a forward: three rows at width 100 do not fit; at most 200: nor do two at 101
+    assert length_buckets([100, 10, 11, 101], 500, max_tokens=250) == [[1, 2], [0, 3]]
+    assert length_buckets([100, 10, 11, 101], 500, max_tokens=200) == [[1, 2], [0], [3]]
+    assert length_buckets([300, 10], 500, max_tokens=250) == [[1], [0]]
 
 
 def test_bucketed_generation_equals_one_padded_generate(tiny_model_and_tokenizer):
@@ -105,3 +117,39 @@ def test_growing_cache_layer_writes_in_place_and_grows():
     k, _ = layer.update(more, more)  # past the room: grows, keeps everything
     torch.testing.assert_close(k, torch.cat([keys, step, more], dim=-2), rtol=0, atol=0)
     assert layer.get_seq_length() == 8
+
+
+def test_row_hidden_runs_rows_in_cheapest_length_groups(tiny_model_and_tokenizer, monkeypatch):
+    # The training step's scoring pass (SFT's student, unshared teacher contexts) groups rows of similar
+    # length, at most _TOKEN_BUDGET tokens a forward: each row's states are those of its own forward, and
+    # the decoder computes the tokens length_buckets chose (fewer than a budget-greedy split).
+    from unisd_components import step as step_module
+    from unisd_components.config import TrainingConfig, VariantConfig
+    from unisd_components.scoring import completion_hidden, decoder_and_head
+    from unisd_components.step import PhaseTimer, StepRunner, _Rows
+
+    model, tok = tiny_model_and_tokenizer
+    model = model.double().eval()
+    monkeypatch.setitem(step_module._TOKEN_BUDGET, "cpu", 400)
+    rng = random.Random(0)
+    lengths_ctx = [10, 90, 12, 95, 11, 40, 88, 13]
+    contexts = [[rng.randint(3, 200) for _ in range(n)] for n in lengths_ctx]
+    completion = torch.tensor([[rng.randint(3, 200) for _ in range(5)] for _ in contexts])
+    lengths = [5, 3, 5, 1, 4, 5, 2, 5]
+    runner = StepRunner(
+        model, tok, VariantConfig(), TrainingConfig(batch_size=8), [], None, None, PhaseTimer(torch.device("cpu")), 0
+    )
+    decoder, _ = decoder_and_head(model)
+    fed = []
+    hook = decoder.register_forward_pre_hook(lambda m, a, k: fed.append(k["input_ids"].numel()), with_kwargs=True)
+    with torch.no_grad():
+        hidden = runner._row_hidden(model, _Rows(contexts, list(range(8))), completion, lengths)
+        hook.remove()
+        for r, context in enumerate(contexts):
+            ids = torch.tensor([context + completion[r, : lengths[r]].tolist()])
+            alone = completion_hidden(model, ids, torch.ones_like(ids), 5, torch.tensor([lengths[r]]))
+            torch.testing.assert_close(hidden[r], alone[0], rtol=1e-9, atol=1e-10)
+    rows = [c + completion[r, : lengths[r]].tolist() for r, c in enumerate(contexts)]
+    groups = length_buckets([len(r) for r in rows], 96, max_tokens=400)
+    assert fed == [len(g) * (max(len(rows[i]) for i in g) - 1) for g in groups]
+    assert sum(fed) == 448  # the old budget-greedy split: 5 rows x 44 (up to the 45-wide one), 3 x 95 = 505

@@ -75,14 +75,15 @@ def forward_overhead_tokens(device: torch.device) -> int:
 
 
 def length_buckets(
-    lengths: Sequence[int], overhead_tokens: int, max_rows: int | None = None
+    lengths: Sequence[int], overhead_tokens: int, max_rows: int | None = None, max_tokens: int | None = None
 ) -> list[list[int]]:
     """Indices of ``lengths`` in groups of consecutive sorted lengths that minimise the tokens computed.
 
     A group of rows runs at its longest row's width: it costs ``rows x longest + overhead_tokens``;
-    ``max_rows`` caps a group's rows. Exact dynamic programming over the sorted lengths (``O(n^2)``,
-    n = a batch). Groups come shortest first, rows within a group in ascending length (rows already in
-    ascending order keep their order).
+    ``max_rows`` caps a group's rows, ``max_tokens`` its ``rows x longest`` (a row longer than that runs
+    alone). Exact dynamic programming over the sorted lengths (``O(n^2)``, n = a batch). Groups come
+    shortest first, rows within a group in ascending length (rows already in ascending order keep their
+    order).
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     n = len(order)
@@ -91,8 +92,9 @@ def length_buckets(
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
         width = lengths[order[j - 1]]
+        rows = cap if max_tokens is None else max(1, min(cap, max_tokens // max(1, width)))
         best[j], cut[j] = min(
-            (best[i] + (j - i) * width + overhead_tokens, i) for i in range(max(0, j - cap), j)
+            (best[i] + (j - i) * width + overhead_tokens, i) for i in range(max(0, j - rows), j)
         )
     groups: list[list[int]] = []
     j = n
@@ -163,8 +165,8 @@ def prefix_kv(
     """Per sequence (none empty), per layer ``(keys, values)`` ``[H, len, D]`` of all its tokens under
     ``model`` (a causal LM, peft-wrapped or not: its decoder runs, never the LM head).
 
-    The sequences run in groups of similar length (:func:`length_buckets`), a group cut into forwards of
-    at most ``token_budget`` tokens (rows x width; default: no cap). The tensors are views of each
+    The sequences run in groups of similar length (:func:`length_buckets`), one forward each, of at most
+    ``token_budget`` tokens (rows x width; default: no cap). The tensors are views of each
     forward's cache; gradients flow through them when enabled. None: the model's cache is not a plain
     growing cache (the caller scores whole rows instead).
     """
@@ -175,24 +177,20 @@ def prefix_kv(
     if overhead_tokens is None:
         overhead_tokens = forward_overhead_tokens(device)
     out: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = [None] * len(sequences)
-    for group in length_buckets([len(s) for s in sequences], overhead_tokens):
-        width = max(len(sequences[r]) for r in group)
-        step = len(group) if token_budget is None else max(1, token_budget // width)
-        for start in range(0, len(group), step):
-            chunk = group[start : start + step]
-            ids, mask = pad_left([list(sequences[r]) for r in chunk], pad_id)
-            result = decoder(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
-                use_cache=True,
-            )
-            layers = plain_cache_layers(result.past_key_values)
-            if layers is None:
-                return None
-            for i, r in enumerate(chunk):
-                n = len(sequences[r])
-                out[r] = [(k[i, :, k.shape[-2] - n :], v[i, :, v.shape[-2] - n :]) for k, v in layers]
+    for chunk in length_buckets([len(s) for s in sequences], overhead_tokens, max_tokens=token_budget):
+        ids, mask = pad_left([list(sequences[r]) for r in chunk], pad_id)
+        result = decoder(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+            use_cache=True,
+        )
+        layers = plain_cache_layers(result.past_key_values)
+        if layers is None:
+            return None
+        for i, r in enumerate(chunk):
+            n = len(sequences[r])
+            out[r] = [(k[i, :, k.shape[-2] - n :], v[i, :, v.shape[-2] - n :]) for k, v in layers]
     return out  # type: ignore[return-value]
 
 

@@ -51,9 +51,11 @@ from unisd_components.lora import adapters_folded
 from unisd_components.losses import masked_sequence_means, sequence_weighted_mean, weighted_sequence_mean
 from unisd_components.prefill import (
     context_prefix,
+    forward_overhead_tokens,
     generate_bucketed,
     hidden_after_prefixes,
     keep_context_prefix,
+    length_buckets,
     prefix_kv,
     shared_prefix_lengths,
 )
@@ -288,29 +290,23 @@ class StepRunner:
         """Completion hidden states ``[R,T,H]`` of ``[context_r | completion[b_r][:lengths[b_r]]]``.
 
         Each row carries its completion only up to its EOS (the padding after it is never computed);
-        rows are sorted by length and cut into chunks of about ``_TOKEN_BUDGET`` tokens, so padding
-        between rows stays small too.
+        rows run in groups of similar length (:func:`~unisd_components.prefill.length_buckets`: the
+        fewest tokens computed, counting a forward's own cost, at most ``_TOKEN_BUDGET`` a forward).
         """
         T = completion.shape[1]
         tokens = completion.tolist()
         full = [rows.contexts[r] + tokens[b][: lengths[b]] for r, b in enumerate(rows.batch_index)]
-        budget = _TOKEN_BUDGET.get(self.device.type, _DEFAULT_TOKEN_BUDGET)
-        if len(full) * max(len(f) for f in full) <= budget:
-            chunks = [list(range(len(full)))]  # one forward, rows in their own order
-        else:
-            chunks = [[]]
-            for r in sorted(range(len(full)), key=lambda r: len(full[r])):
-                if chunks[-1] and (len(chunks[-1]) + 1) * len(full[r]) > budget:
-                    chunks.append([])
-                chunks[-1].append(r)
+        groups = length_buckets(
+            [len(f) for f in full], forward_overhead_tokens(self.device), max_tokens=self._budget()
+        )
         pieces: dict[int, torch.Tensor] = {}
-        for chunk in chunks:
-            ids, mask = pad_left([full[r] for r in chunk], self.pad_id)
-            row_lengths = torch.tensor([lengths[rows.batch_index[r]] for r in chunk])
+        for group in groups:
+            ids, mask = pad_left([full[r] for r in group], self.pad_id)
+            row_lengths = torch.tensor([lengths[rows.batch_index[r]] for r in group])
             hidden = completion_hidden(module, ids.to(self.device), mask.to(self.device), T, row_lengths)
-            if len(chunks) == 1:
+            if len(groups) == 1 and group == sorted(group):
                 return hidden
-            for i, r in enumerate(chunk):
+            for i, r in enumerate(group):
                 pieces[r] = hidden[i]
         return torch.stack([pieces[r] for r in range(len(full))])
 
