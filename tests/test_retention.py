@@ -315,3 +315,32 @@ def test_the_base_trials_own_prefill_serves_the_later_trials(tiny_model_and_toke
     fresh = retention(other, base, tok, examples, max_new_tokens=4, cache_dir=tmp_path, batch_size=2)
     for key, value in fresh.items():
         assert reused[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def test_the_base_trials_equal_completion_sets_run_once(tiny_model_and_tokenizer, tmp_path):
+    # Evaluating the base model itself, its own completions are also the reverse direction's base
+    # completions: one continuation pass scores both, with the numbers of two passes.
+    from harness.evaluation import retention as retention_mod
+
+    base, tok = tiny_model_and_tokenizer
+    examples = _examples()
+    prompts = [_prompt_ids(tok, ex) for ex in examples]
+    own = [_slow_greedy(base, p, 5, tok.eos_token_id) for p in prompts]
+    fed: list[int] = []
+    hook = base.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].numel()), with_kwargs=True)
+    try:
+        got = retention(
+            base, base, tok, examples, cache_dir=tmp_path, batch_size=3, completions=own, base_completions=list(own)
+        )
+    finally:
+        hook.remove()
+    retention_mod._PREFILLS.clear()
+    width = max(len(p) for p in prompts)
+    assert len(fed) == 2 and fed[0] == len(prompts) * width  # the prompts, then one continuation pass
+    assert got["ppl_ret_reverse"] == got["ppl_ret"] == pytest.approx(_slow_ppl(base, prompts, own), rel=1e-4)
+    other = [c[:-1] for c in own]
+    with torch.inference_mode():
+        sets = retention_mod._completion_logprobs(base, prompts, [own, other, own], tok.pad_token_id)
+    assert sets[0] is sets[2] and sets[1] is not sets[0]
+    for row, completion in enumerate(other):
+        torch.testing.assert_close(sets[1][row], sets[0][row][: len(completion)])

@@ -159,8 +159,12 @@ def _completion_logprobs(
         if key is not None:
             _keep_prefill(model, key, first, cache)
     lengths = mask.sum(-1, keepdim=True)
+    # A set equal to an earlier one (the base model's own completions, when it is the evaluated model) is
+    # scored once.
+    distinct = [i for i, s in enumerate(completion_sets) if all(completion_sets[j] != s for j in range(i))]
     results: list[list[torch.Tensor]] = []
-    for index, completions in enumerate(completion_sets):
+    for index in distinct:
+        completions = completion_sets[index]
         # With a prompt cache short of the last prompt token, the continuation feeds that token first.
         lead = [[] for _ in prompts] if first is not None else [[list(p)[-1]] for p in prompts]
         feeds = [lead[row] + list(c)[:-1] for row, c in enumerate(completions)]  # the last token predicts nothing
@@ -175,7 +179,7 @@ def _completion_logprobs(
                     cont_mask[row, : len(feed)] = 1
             device = ids.device
             # The cache grows in place: every set but the last continues from a copy of the prompt's.
-            set_cache = cache if index == len(completion_sets) - 1 else copy.deepcopy(cache)
+            set_cache = cache if index == distinct[-1] else copy.deepcopy(cache)
             past_mask = mask if first is not None else mask[:, :-1]
             start = lengths if first is not None else lengths - 1
             rest = model(
@@ -198,7 +202,9 @@ def _completion_logprobs(
                 )
             rows.append(F.log_softmax(logits[:n], dim=-1))
         results.append(rows)
-    return results
+    return [
+        results[distinct.index(next(j for j in distinct if completion_sets[j] == s))] for s in completion_sets
+    ]
 
 
 def _batches(order: list[int], batch_size: int):
