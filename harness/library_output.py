@@ -204,18 +204,6 @@ def quiet_libraries(default_log: str | Path | None = None) -> None:
             root.setLevel(logging.WARNING)
 
 
-def _quiet_git_hash() -> str | None:
-    import subprocess
-
-    try:
-        done = subprocess.run(
-            ["git", "describe", "--always"], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
-
-
 def _fold_evaluation_output() -> None:
     """The evaluation stack's part, done when the first trial starts (importing lm-eval takes seconds;
     the runner imports it in a warm-up thread meanwhile)."""
@@ -238,9 +226,9 @@ def _fold_evaluation_output() -> None:
                 module.tqdm = FoldedBar
         # lm-eval asks git about the working directory and lets git print "fatal: not a git repository"
         # when it is not one; the harness records its own commit on the study's run.
-        evaluator = importlib.import_module("lm_eval.evaluator")
-        if hasattr(evaluator, "get_git_commit_hash"):
-            evaluator.get_git_commit_hash = _quiet_git_hash
+        from harness.evaluation.quiet_git import silence_lm_eval_git
+
+        silence_lm_eval_git()
 
     for switch in (datasets_off, lm_eval_folded):
         _off(switch)
