@@ -434,3 +434,24 @@ def test_kl_metric_is_the_forward_kl_whatever_the_divergence(tiny_model_and_toke
         assert row["kl"] == pytest.approx(row["loss_divergence"], rel=1e-6) and row["kl"] > 0
     jsd = train_variant(model, tok, _examples(), VariantConfig(alpha=0.5), TRAINING, cache_dir=cache_dir)
     assert all(row["kl"] > row["loss_divergence"] > 0 for row in jsd.history)
+
+
+def test_setup_generations_decode_in_wide_batches_on_a_cpu(tiny_model_and_tokenizer, tmp_path, monkeypatch):
+    # Contrastive negatives are generated once in setup. On a CPU a decoding step reads every weight
+    # whatever the rows, so up to 64 prompts decode together, not a training batch (2 here) at a time.
+    from unisd_components import generation
+
+    model, tok = tiny_model_and_tokenizer
+    batches: list[int] = []
+    original = generation.generate_texts
+
+    def spy(model, tokenizer, message_lists, max_new_tokens, temperature=0.7, seed=0, batch_size=8):
+        batches.append(batch_size)
+        return original(model, tokenizer, message_lists, max_new_tokens, temperature, seed, batch_size)
+
+    monkeypatch.setattr(generation, "generate_texts", spy)
+    variant = VariantConfig(contrastive=ContrastiveConfig())
+    training = TRAINING.model_copy(update={"max_steps": 1})
+    train_variant(model, tok, _examples(), variant, training, cache_dir=tmp_path)
+    assert batches == [64]  # the 6 examples' negatives in one batch
+    assert trainer_module._setup_generation_rows(128, model) == 128  # a wider training batch stays

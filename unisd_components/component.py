@@ -51,7 +51,7 @@ class SetupContext:
     model_id: str
     seed: int
     max_new_tokens: int = 256
-    batch_size: int = 8  # the training batch: setup generations (negatives) run that many prompts at once
+    batch_size: int = 8  # setup generations (negatives) run that many prompts at once
 
 
 @dataclass
