@@ -74,3 +74,47 @@ def test_an_ema_teacher_keeps_nothing(tiny_model_and_tokenizer, tmp_path, monkey
     monkeypatch.setattr(prefill, "_context_prefix_bytes", 0)
     _train(apply_lora(copy.deepcopy(base), r=4), tok, tmp_path, VariantConfig(ema=EMAConfig(beta=0.5, sync_steps=1)))
     assert prefill._CONTEXT_PREFIXES == {}  # its weights move every step: nothing to reuse
+
+
+def test_an_ema_teacher_that_has_not_moved_scores_the_kept_base_contexts(tiny_model_and_tokenizer, tmp_path, monkeypatch):
+    # An EMA teacher starts as the fresh student adapter (B = 0): until its first sync it is the base model.
+    # After a frozen-teacher trial kept the base's contexts, its first step costs only the completions, and
+    # gives the numbers a fresh computation gives; once it has moved, it runs its contexts itself.
+    import torch
+
+    base, tok = tiny_model_and_tokenizer
+    monkeypatch.setattr(prefill, "_CONTEXT_PREFIXES", {})
+    monkeypatch.setattr(prefill, "_context_prefix_bytes", 0)
+    ema = VariantConfig(ema=EMAConfig(beta=0.5, sync_steps=1))
+
+    def lora_model():
+        torch.manual_seed(0)  # LoRA's A matrices are drawn from the global generator
+        return apply_lora(copy.deepcopy(base), r=4)
+
+    def fed(widths_rows):
+        return sum(w * r for w, r in widths_rows)
+
+    _train(lora_model(), tok, tmp_path, VariantConfig())  # SDFT: the base's contexts are kept
+    kept_shapes: list[tuple[int, int]] = []
+    kept = _train_shapes(lora_model(), tok, tmp_path, ema, kept_shapes)
+    monkeypatch.setattr(prefill, "_CONTEXT_PREFIXES", {})
+    monkeypatch.setattr(prefill, "_context_prefix_bytes", 0)
+    fresh_shapes: list[tuple[int, int]] = []
+    fresh = _train_shapes(lora_model(), tok, tmp_path, ema, fresh_shapes)
+    step_one_contexts = sum(len(tok(ex.demonstration)["input_ids"]) for ex in _examples()[:3])
+    assert fed(fresh_shapes) - fed(kept_shapes) > step_one_contexts  # step 1's contexts did not run again
+    assert prefill._CONTEXT_PREFIXES == {}  # and the EMA trial kept nothing of its own
+    for kept_row, fresh_row in zip(kept, fresh, strict=True):
+        for key in ("loss", "kl", "entropy"):
+            assert kept_row[key] == pytest.approx(fresh_row[key], rel=1e-5, abs=1e-7), key
+
+
+def _train_shapes(model, tok, tmp_path, variant, shapes):
+    decoder, _ = decoder_and_head(model)
+    hook = decoder.register_forward_pre_hook(
+        lambda m, a, kw: shapes.append((kw["input_ids"].shape[1], kw["input_ids"].shape[0])), with_kwargs=True
+    )
+    try:
+        return train_variant(model, tok, _examples(), variant, TRAINING, cache_dir=tmp_path).history
+    finally:
+        hook.remove()

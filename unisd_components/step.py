@@ -235,6 +235,7 @@ class StepRunner:
         # A frozen teacher (no EMA) keeps its contexts' KV across the process's trials (prefill module).
         frozen = teacher is not None and not any(c.needs_ema_teacher for c in self.components)
         self._frozen_fingerprint = _teacher_fingerprint(teacher, self.device) if frozen else None
+        self._base_fingerprint: str | None = None  # an EMA adapter teacher's base weights (computed when asked)
         # The student's prompt pass serves its own sampling too when a training-mode forward computes what
         # sampling does (no active dropout) and keeps its cache (no gradient checkpointing).
         self._shares_prompt_pass = (
@@ -332,6 +333,21 @@ class StepRunner:
                 keep_context_prefix(fingerprint, contexts_[r][:-1], kv)
         return self._hidden_after(module, prefixes, [[c[-1]] for c in contexts_], rows, completion, lengths)
 
+    def _unmoved_teacher_fingerprint(self, contexts_: list[list[int]]) -> str | None:
+        """The base weights' fingerprint when the teacher is an EMA adapter that has not moved yet (it is the
+        base model, :meth:`AdapterTeacher.is_base`) and an earlier frozen-teacher trial of this process kept
+        every one of these contexts under the base weights; else None. The EMA teacher's first steps then
+        cost only their completions."""
+        from unisd_components.teachers import AdapterTeacher
+
+        if not isinstance(self.teacher, AdapterTeacher) or any(len(c) < 2 for c in contexts_):
+            return None
+        if self._base_fingerprint is None:
+            self._base_fingerprint = _teacher_fingerprint(self.teacher, self.device, as_base=True)
+        if any(context_prefix(self._base_fingerprint, c[:-1]) is None for c in contexts_):
+            return None
+        return self._base_fingerprint if self.teacher.is_base() else None
+
     def _row_hidden_sharing_prefixes(
         self, module: nn.Module, rows: _Rows, completion: torch.Tensor, lengths: list[int]
     ) -> torch.Tensor:
@@ -426,11 +442,10 @@ class StepRunner:
             rows.batch_index += list(range(B))
             temps += [self.tau] * B
         T = completion.shape[1]
+        fingerprint = self._frozen_fingerprint or self._unmoved_teacher_fingerprint(rows.contexts)
         with torch.no_grad(), self._autocast(), self.teacher.active() as module, adapters_folded(module):
-            if self._frozen_fingerprint is not None:
-                hidden = self._row_hidden_after_kept_contexts(
-                    module, rows, completion, lengths, self._frozen_fingerprint
-                )
+            if fingerprint is not None:
+                hidden = self._row_hidden_after_kept_contexts(module, rows, completion, lengths, fingerprint)
             else:
                 hidden = self._row_hidden_sharing_prefixes(module, rows, completion, lengths)
             if self.fused:  # the hidden states and the head; the logits are built chunk by chunk later
@@ -648,16 +663,17 @@ class StepRunner:
         return self._policy_rng.random() < lmbda
 
 
-def _teacher_fingerprint(teacher: TeacherWeights, device: torch.device) -> str:
+def _teacher_fingerprint(teacher: TeacherWeights, device: torch.device, as_base: bool = False) -> str:
     """A hash of everything the teacher's function depends on: architecture, device, the base weights and
-    the teacher's own adapter (names and dtypes included); other adapters are left out."""
+    the teacher's own adapter (names and dtypes included); other adapters are left out. ``as_base``: no
+    adapter at all (what a disabled-adapter teacher hashes), for an adapter teacher that is the base."""
     from unisd_components.teachers import AdapterTeacher, DisabledAdapterTeacher
 
     module = teacher.module
     named = []
     for name, param in module.named_parameters():
         if "lora_" in name:
-            if isinstance(teacher, DisabledAdapterTeacher):
+            if as_base or isinstance(teacher, DisabledAdapterTeacher):
                 continue
             if isinstance(teacher, AdapterTeacher) and f".{teacher.name}." not in name:
                 continue

@@ -138,6 +138,11 @@ class AdapterTeacher(TeacherWeights):
     def parameters(self) -> list[torch.Tensor]:
         return list(self._teacher_view.values())
 
+    def is_base(self) -> bool:
+        """True while every ``lora_B`` of the teacher's adapter is zero: it computes the base model's function
+        (an EMA teacher before its first sync, which starts from the fresh student adapter)."""
+        return all(torch.count_nonzero(p).item() == 0 for k, p in self._teacher_view.items() if "lora_B" in k)
+
 
 def _adapter_view(model: nn.Module, adapter: str) -> nn.ParameterDict:
     """The adapter's parameters under adapter-free names (``ParameterDict`` holds the same tensors)."""
