@@ -194,3 +194,48 @@ def test_a_student_with_active_dropout_samples_from_its_own_prefill(tiny_model_a
     assert StepRunner(plain, tok, VariantConfig(), training, [], None, None, timer, 0)._shares_prompt_pass
     checkpointed = training.model_copy(update={"gradient_checkpointing": True})
     assert not StepRunner(plain, tok, VariantConfig(), checkpointed, [], None, None, timer, 0)._shares_prompt_pass
+
+
+def test_prefix_kv_runs_the_rows_common_prefix_once(tiny_model_and_tokenizer):
+    # Every prompt begins with the chat template's system turn: prefix_kv runs it once and each row's rest
+    # after its KV. Same keys and values as whole-row forwards (float64), same gradients into the adapter.
+    base, _ = tiny_model_and_tokenizer
+    torch.manual_seed(0)
+    model = apply_lora(copy.deepcopy(base), r=4).double()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    rows = _random_rows(1, 7)
+    rows = [[5, 6, 7, 8, 9, 10, 11, 12] + r for r in rows]  # a common 8-token stem (and more, pairwise)
+    decoder, _ = decoder_and_head(model)
+    fed: list[int] = []
+    hook = decoder.register_forward_pre_hook(lambda m, a, k: fed.append(int(k["input_ids"].numel())), with_kwargs=True)
+
+    def kv_and_grads(overhead):
+        model.zero_grad()
+        fed.clear()
+        kv = prefix_kv(model, rows, pad_id=0, overhead_tokens=overhead, token_budget=40)
+        sum(k.square().sum() + v.square().sum() for row in kv for k, v in row).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return kv, grads, sum(fed)
+
+    try:
+        whole, whole_grads, whole_fed = kv_and_grads(10**6)  # a forward "costs" more than sharing saves
+        shared, shared_grads, shared_fed = kv_and_grads(0)
+        with torch.no_grad():  # two rows: sharing 12 tokens saves less than a forward costs
+            fed.clear()
+            prefix_kv(model, rows[:2], pad_id=0, overhead_tokens=96)
+            assert len(fed) == 1
+    finally:
+        hook.remove()
+    common = 8 + 4  # _random_rows' rows share their first 4 stem tokens too
+    assert shared_fed < whole_fed - (len(rows) - 2) * common
+    for a, b in zip(shared, whole, strict=True):
+        for (ka, va), (kb, vb) in zip(a, b, strict=True):
+            torch.testing.assert_close(ka, kb, rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(va, vb, rtol=1e-9, atol=1e-10)
+    assert shared_grads.keys() == whole_grads.keys() and any("k_proj.lora_A" in n for n in shared_grads)
+    # Llama's RMSNorm runs in float32 even in a float64 model: the shared prefix's gradient, summed over
+    # the rows before it goes back through the norms, rounds there differently (~1e-7 of its size).
+    for name, grad in shared_grads.items():
+        _assert_same_gradient(grad, whole_grads[name], name, rel=1e-6)

@@ -166,9 +166,12 @@ def prefix_kv(
     ``model`` (a causal LM, peft-wrapped or not: its decoder runs, never the LM head).
 
     The sequences run in groups of similar length (:func:`length_buckets`), one forward each, of at most
-    ``token_budget`` tokens (rows x width; default: no cap). The tensors are views of each
-    forward's cache; gradients flow through them when enabled. None: the model's cache is not a plain
-    growing cache (the caller scores whole rows instead).
+    ``token_budget`` tokens (rows x width; default: no cap). When they all begin with the same tokens (the
+    chat template's system turn: 24 tokens for SmolLM2) and running them once saves more than a forward
+    costs, that common prefix runs once and each sequence runs only the rest after its KV
+    (:func:`_kv_after_common`). The tensors are views of each forward's cache (or, after a common prefix,
+    its KV joined with the rest's); gradients flow through them when enabled. None: the model's cache is
+    not a plain growing cache (the caller scores whole rows instead).
     """
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("prefix_kv needs at least one sequence, none of them empty")
@@ -176,6 +179,9 @@ def prefix_kv(
     device = next(model.parameters()).device
     if overhead_tokens is None:
         overhead_tokens = forward_overhead_tokens(device)
+    common = min(_common_prefix_length(sequences), min(len(s) for s in sequences) - 1)
+    if common > 0 and (len(sequences) - 1) * common > overhead_tokens:
+        return _kv_after_common(decoder, sequences, common, pad_id, overhead_tokens, token_budget, device)
     out: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = [None] * len(sequences)
     for chunk in length_buckets([len(s) for s in sequences], overhead_tokens, max_tokens=token_budget):
         ids, mask = pad_left([list(sequences[r]) for r in chunk], pad_id)
@@ -191,6 +197,63 @@ def prefix_kv(
         for i, r in enumerate(chunk):
             n = len(sequences[r])
             out[r] = [(k[i, :, k.shape[-2] - n :], v[i, :, v.shape[-2] - n :]) for k, v in layers]
+    return out  # type: ignore[return-value]
+
+
+def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    first, n = sequences[0], min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences):
+            return i
+    return n
+
+
+def _kv_after_common(
+    decoder: nn.Module,
+    sequences: Sequence[Sequence[int]],
+    common: int,
+    pad_id: int,
+    overhead_tokens: int,
+    token_budget: int | None,
+    device: torch.device,
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]] | None:
+    """:func:`prefix_kv` of sequences whose first ``common`` tokens are the same: those run once, then each
+    sequence's rest runs after their KV, in groups of similar rest length (right-padded: a real token never
+    attends a padding position after it), at positions ``common, common + 1, ...``."""
+    ids = torch.tensor([list(sequences[0][:common])], device=device)
+    result = decoder(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        position_ids=torch.arange(common, device=device)[None, :],
+        use_cache=True,
+    )
+    shared = plain_cache_layers(result.past_key_values)
+    if shared is None:
+        return None
+    shared = [(k[0], v[0]) for k, v in shared]
+    rests = [list(s[common:]) for s in sequences]
+    out: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = [None] * len(sequences)
+    for chunk in length_buckets([len(r) for r in rests], overhead_tokens, max_tokens=token_budget):
+        width = max(len(rests[r]) for r in chunk)
+        feed = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        feed_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, r in enumerate(chunk):
+            feed[i, : len(rests[r])] = torch.tensor(rests[r], dtype=torch.long)
+            feed_mask[i, : len(rests[r])] = 1
+        cache = cache_from_rows([shared] * len(chunk), common)
+        decoder(
+            input_ids=feed.to(device),
+            attention_mask=torch.cat([torch.ones((len(chunk), common), dtype=torch.long), feed_mask], -1).to(device),
+            position_ids=(common + torch.arange(width))[None, :].expand(len(chunk), -1).to(device),
+            use_cache=True,
+            **{cache_kwarg(): cache},
+        )
+        layers = plain_cache_layers(cache)
+        if layers is None:
+            return None
+        for i, r in enumerate(chunk):
+            n = common + len(rests[r])
+            out[r] = [(k[i, :, :n], v[i, :, :n]) for k, v in layers]
     return out  # type: ignore[return-value]
 
 
