@@ -239,3 +239,46 @@ def test_prefix_kv_runs_the_rows_common_prefix_once(tiny_model_and_tokenizer):
     # the rows before it goes back through the norms, rounds there differently (~1e-7 of its size).
     for name, grad in shared_grads.items():
         _assert_same_gradient(grad, whole_grads[name], name, rel=1e-6)
+
+
+def test_scored_rows_run_their_common_prefix_once(tiny_model_and_tokenizer):
+    # StepRunner._row_hidden (SFT's student, unshared teacher contexts): rows that all begin with the same
+    # tokens run them once; the completion states are those of whole-row forwards (float64), and so are
+    # the adapter's gradients (up to the float32 RMSNorm's rounding, see above).
+    from unisd_components.config import TrainingConfig, VariantConfig
+    from unisd_components.step import _Rows
+
+    base, tok = tiny_model_and_tokenizer
+    torch.manual_seed(0)
+    model = apply_lora(copy.deepcopy(base), r=4).double()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    contexts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14] + r for r in _random_rows(2, 8)]
+    completion = torch.tensor([[20 + i, 30 + i, 40 + i, 50 + i] for i in range(8)])
+    lengths = [4, 2, 4, 1, 3, 4, 4, 2]
+    runner = StepRunner(
+        model, tok, VariantConfig(), TrainingConfig(batch_size=8), [], None, None, PhaseTimer(torch.device("cpu")), 0
+    )
+    decoder, _ = decoder_and_head(model)
+    fed: list[int] = []
+    hook = decoder.register_forward_pre_hook(lambda m, a, k: fed.append(int(k["input_ids"].numel())), with_kwargs=True)
+    try:
+        hidden = runner._row_hidden(model, _Rows(contexts, list(range(8))), completion, lengths)
+        hidden.square().sum().backward()
+    finally:
+        hook.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    alone = []
+    for r, context in enumerate(contexts):
+        ids = torch.tensor([context + completion[r, : lengths[r]].tolist()])
+        alone.append(completion_hidden(model, ids, torch.ones_like(ids), 4, torch.tensor([lengths[r]]))[0])
+    torch.testing.assert_close(hidden, torch.stack(alone), rtol=1e-9, atol=1e-10)
+    torch.stack(alone).square().sum().backward()
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            _assert_same_gradient(grads[name], param.grad, name, rel=1e-6)
+    common = 10 + 4  # _random_rows' rows share their first 4 stem tokens too
+    assert fed[0] == common  # the stem ran once, alone
+    assert sum(fed) < sum(len(c) + n for c, n in zip(contexts, lengths, strict=True))  # < whole rows, unpadded

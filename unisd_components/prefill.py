@@ -38,6 +38,7 @@ from torch import nn
 from unisd_components.scoring import decoder_and_head, hidden_at, pad_left
 
 __all__ = [
+    "common_prefix_length",
     "cache_kwarg",
     "hidden_after_prefixes",
     "prefix_kv",
@@ -179,7 +180,7 @@ def prefix_kv(
     device = next(model.parameters()).device
     if overhead_tokens is None:
         overhead_tokens = forward_overhead_tokens(device)
-    common = min(_common_prefix_length(sequences), min(len(s) for s in sequences) - 1)
+    common = common_prefix_length(sequences)
     if common > 0 and (len(sequences) - 1) * common > overhead_tokens:
         return _kv_after_common(decoder, sequences, common, pad_id, overhead_tokens, token_budget, device)
     out: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = [None] * len(sequences)
@@ -200,8 +201,10 @@ def prefix_kv(
     return out  # type: ignore[return-value]
 
 
-def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    first, n = sequences[0], min(len(s) for s in sequences)
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many first tokens every sequence has in common, short of the shortest one's last token (it is
+    left to feed)."""
+    first, n = sequences[0], min(len(s) for s in sequences) - 1
     for i in range(n):
         if any(s[i] != first[i] for s in sequences):
             return i

@@ -50,6 +50,7 @@ from unisd_components.generation import sampling_kwargs, stated_decoding
 from unisd_components.lora import adapters_folded
 from unisd_components.losses import masked_sequence_means, sequence_weighted_mean, weighted_sequence_mean
 from unisd_components.prefill import (
+    common_prefix_length,
     context_prefix,
     forward_overhead_tokens,
     generate_bucketed,
@@ -293,7 +294,15 @@ class StepRunner:
         Each row carries its completion only up to its EOS (the padding after it is never computed);
         rows run in groups of similar length (:func:`~unisd_components.prefill.length_buckets`: the
         fewest tokens computed, counting a forward's own cost, at most ``_TOKEN_BUDGET`` a forward).
+        When every context begins with the same tokens (the chat template's system turn) and running them
+        once saves more than a forward costs, they run once and each row runs the rest after their KV.
         """
+        common = common_prefix_length(rows.contexts)
+        if common > 0 and (len(rows.contexts) - 1) * common > forward_overhead_tokens(self.device):
+            shared = prefix_kv(module, [rows.contexts[0][:common]], pad_id=self.pad_id)
+            if shared is not None:
+                suffixes = [c[common:] for c in rows.contexts]
+                return self._hidden_after(module, shared * len(suffixes), suffixes, rows, completion, lengths)
         T = completion.shape[1]
         tokens = completion.tolist()
         full = [rows.contexts[r] + tokens[b][: lengths[b]] for r, b in enumerate(rows.batch_index)]
