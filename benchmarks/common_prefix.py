@@ -51,7 +51,7 @@ def main() -> None:
     from harness.models import load_model, with_spec_lora
     from harness.plan import grid_points, point_training, point_variant
     from harness.spec import load_spec
-    from unisd_components import prefill, step
+    from unisd_components import prefill
     from unisd_components.cpu_memory import keep_freed_memory
     from unisd_components.trainer import train_variant
 
@@ -63,7 +63,7 @@ def main() -> None:
 
     def switch(on: bool) -> None:
         answer = real if on else (lambda sequences: 0)
-        prefill.common_prefix_length = step.common_prefix_length = answer
+        prefill.common_prefix_length = answer  # what common_prefix_worth_sharing asks, for both callers
 
     ev = spec.evaluation
 

@@ -37,6 +37,18 @@ def test_shared_prefix_lengths_by_hand():
     assert shared_prefix_lengths([[5, 6]]) == [0]
 
 
+def _float64_lora(base):
+    """A seeded LoRA copy of ``base`` in float64 (a wrong path shows, summation order does not), its B drawn
+    at random (B starts at zero: give the adapter something to differentiate). LoRA's A matrices come from
+    the global generator, hence the seed."""
+    torch.manual_seed(0)
+    model = apply_lora(copy.deepcopy(base), r=4).double()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    return model
+
+
 def _random_rows(seed, n, vocab=100):
     g = torch.Generator().manual_seed(seed)
     stem = torch.randint(3, vocab, (12,), generator=g).tolist()
@@ -50,11 +62,7 @@ def _random_rows(seed, n, vocab=100):
 @pytest.mark.parametrize("budget", [None, 40])
 def test_hidden_after_prefixes_equals_a_whole_forward_with_its_gradients(tiny_model_and_tokenizer, budget):
     base, _ = tiny_model_and_tokenizer
-    torch.manual_seed(0)
-    model = apply_lora(copy.deepcopy(base), r=4).double()  # float64: a wrong path shows, summation order does not
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero: give the adapter something to differentiate
-            torch.nn.init.normal_(param, std=0.05)
+    model = _float64_lora(base)
     contexts = _random_rows(0, 6)
     splits = [s or len(c) - 1 for s, c in zip(shared_prefix_lengths(contexts), contexts, strict=True)]
     completions = [[11, 12, 13, 14], [21, 22], [31, 32, 33, 34], [41], [51, 52, 53], [61, 62, 63, 64]]
@@ -119,11 +127,7 @@ def _runner(model, tok, variant, tmp_path, shares_prompt=True, min_shared=32, mo
 def _step(base, tok, variant, tmp_path, monkeypatch, **kw):
     # The tiny random model's next-token distribution is nearly flat over 49k tokens: a float32 rounding
     # difference between two equal computations could flip a sampled token. In float64 it does not.
-    torch.manual_seed(0)  # LoRA's A matrices are drawn from the global generator
-    model = apply_lora(copy.deepcopy(base), r=4).double()
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
+    model = _float64_lora(base)
     monkeypatch.setattr(prefill, "_CONTEXT_PREFIXES", {})  # a frozen teacher's contexts start unscored
     monkeypatch.setattr(prefill, "_context_prefix_bytes", 0)
     runner = _runner(model, tok, variant, tmp_path, monkeypatch=monkeypatch, **kw)
@@ -200,11 +204,7 @@ def test_prefix_kv_runs_the_rows_common_prefix_once(tiny_model_and_tokenizer):
     # Every prompt begins with the chat template's system turn: prefix_kv runs it once and each row's rest
     # after its KV. Same keys and values as whole-row forwards (float64), same gradients into the adapter.
     base, _ = tiny_model_and_tokenizer
-    torch.manual_seed(0)
-    model = apply_lora(copy.deepcopy(base), r=4).double()
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
+    model = _float64_lora(base)
     rows = _random_rows(1, 7)
     rows = [[5, 6, 7, 8, 9, 10, 11, 12] + r for r in rows]  # a common 8-token stem (and more, pairwise)
     decoder, _ = decoder_and_head(model)
@@ -249,11 +249,7 @@ def test_scored_rows_run_their_common_prefix_once(tiny_model_and_tokenizer):
     from unisd_components.step import _Rows
 
     base, tok = tiny_model_and_tokenizer
-    torch.manual_seed(0)
-    model = apply_lora(copy.deepcopy(base), r=4).double()
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
+    model = _float64_lora(base)
     contexts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14] + r for r in _random_rows(2, 8)]
     completion = torch.tensor([[20 + i, 30 + i, 40 + i, 50 + i] for i in range(8)])
     lengths = [4, 2, 4, 1, 3, 4, 4, 2]

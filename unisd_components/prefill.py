@@ -39,6 +39,7 @@ from unisd_components.scoring import decoder_and_head, hidden_at, pad_left
 
 __all__ = [
     "common_prefix_length",
+    "common_prefix_worth_sharing",
     "cache_kwarg",
     "hidden_after_prefixes",
     "prefix_kv",
@@ -180,8 +181,8 @@ def prefix_kv(
     device = next(model.parameters()).device
     if overhead_tokens is None:
         overhead_tokens = forward_overhead_tokens(device)
-    common = common_prefix_length(sequences)
-    if common > 0 and (len(sequences) - 1) * common > overhead_tokens:
+    common = common_prefix_worth_sharing(sequences, overhead_tokens)
+    if common:
         return _kv_after_common(decoder, sequences, common, pad_id, overhead_tokens, token_budget, device)
     out: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = [None] * len(sequences)
     for chunk in length_buckets([len(s) for s in sequences], overhead_tokens, max_tokens=token_budget):
@@ -209,6 +210,13 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
         if any(s[i] != first[i] for s in sequences):
             return i
     return n
+
+
+def common_prefix_worth_sharing(sequences: Sequence[Sequence[int]], overhead_tokens: int) -> int:
+    """:func:`common_prefix_length` when running it once saves more tokens than one more forward costs
+    (``overhead_tokens``), else 0."""
+    common = common_prefix_length(sequences)
+    return common if common > 0 and (len(sequences) - 1) * common > overhead_tokens else 0
 
 
 def _kv_after_common(

@@ -50,7 +50,7 @@ from unisd_components.generation import sampling_kwargs, stated_decoding
 from unisd_components.lora import adapters_folded
 from unisd_components.losses import masked_sequence_means, sequence_weighted_mean, weighted_sequence_mean
 from unisd_components.prefill import (
-    common_prefix_length,
+    common_prefix_worth_sharing,
     context_prefix,
     forward_overhead_tokens,
     generate_bucketed,
@@ -297,8 +297,8 @@ class StepRunner:
         When every context begins with the same tokens (the chat template's system turn) and running them
         once saves more than a forward costs, they run once and each row runs the rest after their KV.
         """
-        common = common_prefix_length(rows.contexts)
-        if common > 0 and (len(rows.contexts) - 1) * common > forward_overhead_tokens(self.device):
+        common = common_prefix_worth_sharing(rows.contexts, forward_overhead_tokens(self.device))
+        if common:
             shared = prefix_kv(module, [rows.contexts[0][:common]], pad_id=self.pad_id)
             if shared is not None:
                 suffixes = [c[common:] for c in rows.contexts]
